@@ -1,0 +1,44 @@
+"""Fixed 2-D sin-cos position embeddings for any (h, w) patch grid.
+
+Same values as facebookresearch/mae `util/pos_embed.py` on square grids: the first half of the
+channels encodes the column index, the second half the row index (MAE's meshgrid puts w first),
+tokens in row-major order, and an all-zero row for the cls token. Computed in float64 like MAE's
+numpy code, then cast, so tables match the ones stored in their checkpoints.
+"""
+import torch
+
+_cache: dict[tuple, torch.Tensor] = {}
+
+
+def _sincos_1d(dim: int, pos: torch.Tensor) -> torch.Tensor:
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))
+    out = pos.reshape(-1, 1) * omega
+    return torch.cat([out.sin(), out.cos()], dim=1)
+
+
+def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:
+    """(1, [1 +] grid_h * grid_w, dim) float64 table; the cls row, if any, is zero."""
+    if dim % 4:
+        raise ValueError(f"2-D sin-cos position embeddings need a width divisible by 4, got {dim}")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+    )
+    emb = torch.cat([_sincos_1d(dim // 2, cols), _sincos_1d(dim // 2, rows)], dim=1)
+    if cls_token:
+        emb = torch.cat([emb.new_zeros(1, dim), emb], dim=0)
+    return emb.unsqueeze(0)
+
+
+def cached_pos_embed(
+    dim: int, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The cls-prefixed table for one grid, built once per (dim, grid, device, dtype).
+
+    torch.compile traces this with fullgraph=True: a new grid costs one retrace (dynamo guards on
+    the dict), after which the table is a constant graph input, never recomputed per step.
+    """
+    key = (dim, grid_h, grid_w, device, dtype)
+    table = _cache.get(key)
+    if table is None:
+        table = _cache[key] = sincos_pos_embed_2d(dim, grid_h, grid_w).to(device=device, dtype=dtype)
+    return table

@@ -1,0 +1,85 @@
+"""The encoder as a plain timm `VisionTransformer`, for linear probing, fine-tuning and export.
+
+The contract: an MAE state dict minus its decoder is a timm ViT state dict, key for key
+(`encoder_state_dict`). `load_encoder` is the one place that loads such weights into a timm ViT.
+"""
+from functools import partial
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .pos_embed import sincos_pos_embed_2d
+from .sizes import get_size
+
+_MAE_ONLY = ("decoder_", "mask_token")
+
+
+def build_vit_encoder(
+    size: str,
+    num_classes: int = 0,
+    global_pool: str = "token",
+    drop_path: float = 0.0,
+    img_size: int = 224,
+    patch_size: int | None = None,
+) -> VisionTransformer:
+    """A timm ViT with the dims of `build_mae(size)`; runs at any resolution (`dynamic_img_size`
+    resamples its learned `pos_embed` bicubically). `global_pool="avg"` puts the final norm after
+    pooling (`fc_norm`), as MAE fine-tuning does; `num_classes=0` gives features only."""
+    s = get_size(size)
+    return VisionTransformer(
+        img_size=img_size,
+        patch_size=patch_size or s.patch_size,
+        num_classes=num_classes,
+        global_pool=global_pool,
+        embed_dim=s.embed_dim,
+        depth=s.depth,
+        num_heads=s.num_heads,
+        mlp_ratio=s.mlp_ratio,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        drop_path_rate=drop_path,
+        dynamic_img_size=True,
+    )
+
+
+def encoder_state_dict(mae_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The encoder part of an MAE state dict (ours or facebookresearch/mae's): timm ViT keys."""
+    return {k: v for k, v in mae_state_dict.items() if not k.startswith(_MAE_ONLY)}
+
+
+def _fit_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
+    """An MAE's fixed sin-cos table is regenerated exactly for the new grid (it is what the encoder
+    saw in pretraining at that grid); a learned table is resampled bicubically."""
+    n, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+    side = int(round(n**0.5))
+    grid = list(vit.patch_embed.grid_size)
+    if vit.num_prefix_tokens == 1 and side * side == n and not vit.no_embed_class:
+        sincos = sincos_pos_embed_2d(dim, side, side)
+        if torch.allclose(pos_embed.double(), sincos, atol=1e-5):
+            return sincos_pos_embed_2d(dim, *grid).to(pos_embed.dtype)
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    return resample_abs_pos_embed(pos_embed, new_size=grid, num_prefix_tokens=prefix)
+
+
+def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor]) -> None:
+    """Load MAE or timm ViT weights into `vit`, resampling `pos_embed` to its grid.
+
+    The classifier starts fresh: a checkpoint's `head.*` is dropped, `fc_norm.*` may be missing,
+    and the checkpoint's `norm.*` is dropped when `vit` pools before its norm (MAE fine-tuning
+    does the same). Any other mismatch raises a ValueError naming the keys.
+    """
+    sd = {k: v for k, v in encoder_state_dict(state_dict).items() if not k.startswith("head.")}
+    if isinstance(vit.norm, nn.Identity):
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
+        sd["pos_embed"] = _fit_pos_embed(sd["pos_embed"], vit)
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
+    if missing or unexpected:
+        raise ValueError(
+            "encoder weights do not fit this ViT:"
+            f"\n  missing from the checkpoint: {missing or 'none'}"
+            f"\n  unexpected in the checkpoint: {unexpected or 'none'}"
+        )
