@@ -1,0 +1,294 @@
+"""Convert an ImageFolder (or a flat ImageNet val folder + labels file) to an FFCV ``.beton``.
+
+    python data_prep/write_ffcv.py --src /data/imagenet/train --out /fast/in1k_train.beton \\
+        --max-res 500 --jpeg-quality 90 --compress-prob 0.5 --workers 32
+    python data_prep/write_ffcv.py --src /data/imagenet/val --out /fast/in1k_val.beton \\
+        --classes-from /fast/in1k_train.beton \\
+        [--labels-file LOC_val_solution.csv | --labels-file ILSVRC2012_validation_ground_truth.txt --synsets meta.mat]
+
+Fields: ``image`` (ffcv RGBImageField) and ``label`` (IntField, index into the class list written
+beside the output as ``NAME.classes.txt``). Samples are stored sorted by (label, path).
+
+Every file is decoded once by a parallel check pass before writing: files that fail are skipped and
+listed, never written. The check costs about one extra decode per image (roughly +30-50% wall time
+for JPEG sources), and it is what keeps a bad file from hanging ffcv's writer, whose main process
+waits forever for a worker that died on an exception.
+
+Write modes (ffcv): raw (pixels), jpg (all JPEG at --jpeg-quality), proportion (each image JPEG with
+probability --compress-prob, else raw), smart (JPEG when the raw pixels exceed --smart-threshold bytes).
+Without --write-mode/--preset: proportion if --compress-prob is given, else raw (no JPEG loss; the
+right choice for eval sets, where compression costs accuracy).
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import sys
+import time
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from fastssl.data.classes import classes_path, read_class_file, read_classes, write_classes
+from fastssl.data.imagefolder import (DatasetError, Listing, check_image, list_class_folders, list_flat,
+                                      load_rgb)
+
+WRITE_MODES = ("raw", "jpg", "smart", "proportion")
+
+
+@dataclass(frozen=True)
+class Options:
+    max_res: int | None = 500  # longest side after resizing; None keeps the original size
+    jpeg_quality: int = 90
+    write_mode: str | None = None  # None: see module docstring
+    compress_prob: float | None = None
+    smart_threshold: int = 286432  # DailyMAE's value (bytes of raw pixels, ~ 309x309 RGB)
+
+
+# Published settings. DailyMAE (erow/FastSSL bin/write_dataset.py): smart, 500 px, q90.
+# ffcv-imagenet (write_imagenet.sh, ResNet-50 configs): proportion 0.5, 500 px, q90.
+PRESETS: dict[str, Options] = {
+    "dailymae": Options(max_res=500, jpeg_quality=90, write_mode="smart", smart_threshold=286432),
+    "ffcv-imagenet": Options(max_res=500, jpeg_quality=90, write_mode="proportion", compress_prob=0.5),
+}
+
+
+def resolve_options(preset: str | None = None, **given) -> Options:
+    """Defaults < preset < explicit values (``given``; None means not given). Validates the result."""
+    if preset is not None and preset not in PRESETS:
+        raise DatasetError(f"--preset {preset}: unknown (choose from {', '.join(PRESETS)})")
+    given = {k: v for k, v in given.items() if v is not None}
+    unknown = set(given) - {f.name for f in fields(Options)}
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    opts = replace(PRESETS[preset] if preset else Options(), **given)
+    if "compress_prob" in given and opts.write_mode != "proportion":
+        if "write_mode" in given:
+            raise DatasetError(f"--compress-prob applies to --write-mode proportion, not {opts.write_mode}")
+        opts = replace(opts, write_mode="proportion")
+    if opts.write_mode is None:
+        opts = replace(opts, write_mode="raw")
+    if opts.max_res == 0:
+        opts = replace(opts, max_res=None)
+    _validate(opts)
+    return opts
+
+
+def _validate(o: Options) -> None:
+    if o.write_mode not in WRITE_MODES:
+        raise DatasetError(f"--write-mode {o.write_mode}: unknown (choose from {', '.join(WRITE_MODES)})")
+    if not 1 <= o.jpeg_quality <= 100:
+        raise DatasetError(f"--jpeg-quality {o.jpeg_quality}: must be in 1..100")
+    if o.compress_prob is not None and not 0.0 <= o.compress_prob <= 1.0:
+        raise DatasetError(f"--compress-prob {o.compress_prob}: must be in 0..1")
+    if o.max_res is not None and not 1 <= o.max_res <= 65535:
+        raise DatasetError(f"--max-res {o.max_res}: must be 0 (keep size) or in 1..65535")
+    if o.smart_threshold < 0:
+        raise DatasetError(f"--smart-threshold {o.smart_threshold}: must be >= 0")
+
+
+@dataclass
+class Summary:
+    out: Path
+    images: int
+    classes: list[str]
+    bytes: int
+    seconds: float
+    options: Options
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    warnings: list[str] = field(default_factory=list)
+
+    def format(self) -> str:
+        lines = [f"wrote {self.out}: {self.images} images, {len(self.classes)} classes, "
+                 f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.1f} s "
+                 f"({self.options.write_mode}, max-res {self.options.max_res}, q{self.options.jpeg_quality})"]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files:")
+            lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+class _Images:
+    """What ffcv's writer workers index. Files were checked already; should one fail anyway (changed
+    on disk since), a worker must not die -- ffcv would wait for it forever -- so it writes a
+    placeholder and counts the failure, and :func:`convert` then discards the whole output."""
+
+    def __init__(self, samples: list[tuple[str, int]]):
+        self.samples = samples
+        self.failures = mp.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return load_rgb(path), label
+        except Exception as e:  # noqa: BLE001
+            with self.failures.get_lock():
+                self.failures.value += 1
+            print(f"error: {path}: {e}", file=sys.stderr)
+            return np.zeros((1, 1, 3), np.uint8), label
+
+
+def _write_beton(path: Path, samples: list[tuple[str, int]], opts: Options, workers: int,
+                 chunk_size: int) -> None:
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    image = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_res,
+                          smart_threshold=opts.smart_threshold, jpeg_quality=opts.jpeg_quality,
+                          compress_probability=opts.compress_prob or 0.0)
+    dataset = _Images(samples)
+    writer = DatasetWriter(str(path), {"image": image, "label": IntField()}, num_workers=workers)
+    writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+    if dataset.failures.value:
+        raise RuntimeError(f"{dataset.failures.value} files failed to decode while writing "
+                           "(changed since the check?); nothing written")
+
+
+def _check_all(paths: list[str], max_res: int | None, workers: int, progress: bool) -> list[str | None]:
+    check = partial(check_image, max_res=max_res)
+    bar = partial(tqdm, total=len(paths), desc="check", unit="img", disable=not progress)
+    if workers == 1:
+        return list(bar(map(check, paths)))
+    chunk = max(1, min(256, len(paths) // (workers * 8)))
+    with mp.Pool(workers) as pool:
+        return list(bar(pool.imap(check, paths, chunksize=chunk)))
+
+
+def _take_evenly(samples: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+    """The first ``n`` samples taking classes in turn, so a trial run sees every class."""
+    seen: dict[int, int] = {}
+    ranked = []
+    for path, label in samples:
+        ranked.append((seen.get(label, 0), label, path))
+        seen[label] = seen.get(label, 0) + 1
+    return sorted(((p, lab) for _, lab, p in sorted(ranked)[:n]), key=lambda s: (s[1], s[0]))
+
+
+def _load_class_list(classes_from: str | os.PathLike) -> list[str]:
+    p = Path(classes_from)
+    try:
+        return read_classes(p) if p.suffix == ".beton" else read_class_file(p)
+    except FileNotFoundError:
+        want = classes_path(p) if p.suffix == ".beton" else p
+        raise DatasetError(f"--classes-from {classes_from}: {want} not found") from None
+
+
+def _listing(src: Path, classes_from, labels_file, synsets) -> Listing:
+    if not src.is_dir():
+        raise DatasetError(f"--src {src}: no such folder")
+    classes = _load_class_list(classes_from) if classes_from else None
+    if labels_file:
+        return list_flat(src, labels_file, classes, synsets)
+    if synsets:
+        raise DatasetError("--synsets needs --labels-file")
+    return list_class_folders(src, classes)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | None = None,
+            max_res: int | None = None, jpeg_quality: int | None = None, compress_prob: float | None = None,
+            write_mode: str | None = None, smart_threshold: int | None = None,
+            workers: int | None = None, chunk_size: int = 100, force: bool = False,
+            classes_from: str | os.PathLike | None = None, labels_file: str | os.PathLike | None = None,
+            synsets: str | os.PathLike | None = None, limit: int | None = None,
+            progress: bool = True, log=print) -> Summary:
+    """Write ``src`` to ``out`` (a ``.beton``) and ``NAME.classes.txt`` beside it.
+
+    Image options left None come from ``preset``, then from :class:`Options` (``max_res=0``: keep
+    size). Raises :class:`DatasetError` (nothing written) for bad input. The output appears only when
+    complete: it is written to a hidden temp file in the same folder, renamed on success and removed
+    on any failure, KeyboardInterrupt included. ``progress`` switches the check pass's bar (ffcv's
+    writer always shows its own); ``log`` receives warnings and the start line.
+    """
+    t0 = time.time()
+    opts = resolve_options(preset, max_res=max_res, jpeg_quality=jpeg_quality, compress_prob=compress_prob,
+                           write_mode=write_mode, smart_threshold=smart_threshold)
+    workers = default_workers() if workers is None else workers
+    for name, value in (("--workers", workers), ("--chunk-size", chunk_size), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise DatasetError(f"{name} {value}: must be >= 1")
+    src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise DatasetError(f"--out {out}: is a folder")
+    if out.exists() and not force:
+        raise DatasetError(f"--out {out}: exists (use --force to overwrite)")
+    if not out.parent.is_dir():
+        raise DatasetError(f"--out {out}: folder {out.parent} does not exist")
+
+    listing = _listing(src, classes_from, labels_file, synsets)
+    samples = listing.samples if limit is None else _take_evenly(listing.samples, limit)
+    reasons = _check_all([p for p, _ in samples], opts.max_res, workers, progress)
+    good = [s for s, r in zip(samples, reasons) if r is None]
+    skipped = listing.skipped + [(p, r) for (p, _), r in zip(samples, reasons) if r is not None]
+    if not good:
+        raise DatasetError(f"--src {src}: no readable images ({len(skipped)} files skipped)")
+    counts = np.bincount([lab for _, lab in good], minlength=len(listing.classes))
+    warnings = [f"class {c!r} (index {i}) has no images; its index is kept"
+                for i, c in enumerate(listing.classes) if counts[i] == 0]
+    for w in warnings:
+        log(f"warning: {w}")
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    log(f"writing {len(good)} images to {out} ({opts.write_mode}, {workers} workers)")
+    try:
+        _write_beton(tmp, good, opts, workers, chunk_size)
+        write_classes(classes_path(out), listing.classes)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Summary(out, len(good), listing.classes, out.stat().st_size, time.time() - t0, opts,
+                   skipped, warnings)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump: the message names the bad flag
+        self.exit(2, f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, help="ImageFolder root (class folders) or flat val folder")
+    p.add_argument("--out", required=True, help="output .beton")
+    p.add_argument("--preset", help=f"published settings: {', '.join(PRESETS)}; explicit flags override")
+    p.add_argument("--max-res", type=int, help="longest side in px after resize, 0 = keep (default 500)")
+    p.add_argument("--jpeg-quality", type=int, help="1..100 (default 90)")
+    p.add_argument("--compress-prob", type=float, help="JPEG share for --write-mode proportion")
+    p.add_argument("--write-mode", help=f"{', '.join(WRITE_MODES)} (default: see above)")
+    p.add_argument("--smart-threshold", type=int, help="bytes of raw pixels above which smart mode uses JPEG")
+    p.add_argument("--workers", type=int, help="processes for checking and writing (default: all cores)")
+    p.add_argument("--chunk-size", type=int, default=100, help="images per writer work item")
+    p.add_argument("--classes-from", help="train .beton (reads its .classes.txt) or a class list file")
+    p.add_argument("--labels-file", help="flat val: LOC_val_solution.csv or devkit ground truth .txt")
+    p.add_argument("--synsets", help="devkit meta.mat or ILSVRC-ID->wnid list, for the ground truth .txt")
+    p.add_argument("--limit", type=int, help="convert at most N images, classes taken in turn")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    a = p.parse_args(argv)
+    try:
+        summary = convert(a.src, a.out, preset=a.preset, max_res=a.max_res, jpeg_quality=a.jpeg_quality,
+                          compress_prob=a.compress_prob, write_mode=a.write_mode,
+                          smart_threshold=a.smart_threshold, workers=a.workers, chunk_size=a.chunk_size,
+                          force=a.force, classes_from=a.classes_from, labels_file=a.labels_file,
+                          synsets=a.synsets, limit=a.limit, log=partial(print, file=sys.stderr))
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
+    print(summary.format())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""FFCV loaders for pretraining / linear probing (RandomResizedCrop + flip) and evaluation (centre crop).
+
+Both yield ``(images, labels)``: images ``(N, 3, res, res)`` in ``dtype`` (float32 by default),
+normalised with the ImageNet mean/std, on ``device``, in channels_last memory format (values are
+those of a plain NCHW tensor; ``.contiguous()`` if a consumer needs NCHW strides); labels int64 ``(N,)``.
+Both are fresh tensors each batch: ffcv recycles its own buffers a few batches later.
+
+Training batches are a pure function of (seed, epoch): the order comes from ffcv's RANDOM order
+(seeded by seed + epoch; DistributedSampler-style sharding when ``distributed``), and crops and flips
+from :class:`~fastssl.data.seeded_crop.SeededRandomResizedCropFlip` (seeded per sample).
+
+ffcv is imported inside the functions so that ``import fastssl.data`` works where ffcv is absent.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FFCVLoader:
+    """An ffcv ``Loader`` plus epoch/resolution control and normalisation.
+
+    ``iter(loader)`` produces the epoch set by :meth:`set_epoch` (0 at first) and then advances it,
+    so a plain ``for epoch ...: for batch in loader`` loop and an explicit ``set_epoch`` agree.
+    """
+
+    def __init__(self, loader, decoder, device: torch.device, dtype: torch.dtype):
+        self.loader = loader
+        self.decoder = decoder
+        self.device = device
+        self.dtype = dtype
+        self.epoch = 0
+        self.start_batch = 0
+        # float32 arithmetic whatever the output dtype: bf16 cannot hold 255 * mean exactly.
+        self._mean = torch.tensor(IMAGENET_MEAN, device=device).mul(255).view(1, 3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD, device=device).mul(255).view(1, 3, 1, 1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.loader.batch_size
+
+    @property
+    def resolution(self) -> int:
+        return self.decoder.output_size[0]
+
+    def set_resolution(self, res: int) -> None:
+        """Output size for the next epoch; no rebuild (ffcv re-allocates buffers at each epoch)."""
+        self.decoder.output_size = (int(res), int(res))
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The next ``iter()`` yields epoch ``epoch``'s batches from batch ``start_batch`` on, whatever
+        ran before. Skipped batches are not decoded, and the rest are bitwise those of a full epoch
+        (augmentation depends on the sample, not its position): this is how to resume mid-epoch."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch {start_batch} not in 0..{len(self)}")
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # ffcv's Loader.__iter__, plus the start offset and the epoch for the seeded decoder.
+        from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.compiler import Compiler
+
+        epoch, start = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        if hasattr(self.decoder, "epoch"):  # the seeded decoder; the centre crop has no randomness
+            self.decoder.epoch = epoch
+        ld = self.loader
+        Compiler.set_num_threads(ld.num_workers)
+        order = ld.traversal_order.sample_order(epoch)[: len(ld) * ld.batch_size]
+        ld.next_epoch = epoch + 1
+        return self._normalised(EpochIterator(ld, order[start * ld.batch_size:]))
+
+    def _normalised(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in batches:
+            x = images.float().sub_(self._mean).div_(self._std)
+            yield x.to(self.dtype), labels.reshape(-1).clone()
+
+
+def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: bool, num_workers: int,
+           seed: int, distributed: bool, device: torch.device, drop_last: bool, os_cache: bool,
+           dtype: torch.dtype, batches_ahead: int) -> FFCVLoader:
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    device = torch.device(device)
+    to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    pipelines = {
+        "image": [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
+        "label": [IntDecoder(), ToTensor(), *to_device],
+    }
+    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                    order=OrderOption.RANDOM if order_random else OrderOption.SEQUENTIAL,
+                    distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
+                    batches_ahead=batches_ahead)
+    return FFCVLoader(loader, decoder, device, dtype)
+
+
+def make_pretrain_loader(path: str | os.PathLike, batch_size: int, res: int, num_workers: int, seed: int,
+                         distributed: bool = False, device: torch.device | str = "cpu",
+                         drop_last: bool = True, scale: tuple[float, float] = (0.2, 1.0),
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.5,
+                         os_cache: bool = True, dtype: torch.dtype = torch.float32,
+                         batches_ahead: int = 3) -> FFCVLoader:
+    """Shuffled, RandomResizedCrop(res, scale, ratio) + flip; deterministic in (seed, epoch).
+
+    Also the linear-probe train loader (MAE protocol: RRC + flip, labels used). ``batch_size`` is per
+    process. ``num_workers`` sets ffcv's numba threads *and* ``torch.set_num_threads`` (ffcv does so).
+    """
+    from .seeded_crop import SeededRandomResizedCropFlip
+
+    decoder = SeededRandomResizedCropFlip((res, res), seed=seed, scale=scale, ratio=ratio, flip_prob=flip_prob)
+    return _build(path, batch_size, decoder, order_random=True, num_workers=num_workers, seed=seed,
+                  distributed=distributed, device=device, drop_last=drop_last, os_cache=os_cache,
+                  dtype=dtype, batches_ahead=batches_ahead)
+
+
+def make_eval_loader(path: str | os.PathLike, batch_size: int, res: int = 224, crop_ratio: float = 224 / 256,
+                     num_workers: int = 8, distributed: bool = False, device: torch.device | str = "cpu",
+                     os_cache: bool = True, dtype: torch.dtype = torch.float32,
+                     batches_ahead: int = 3) -> FFCVLoader:
+    """Sequential, every sample once (no drop_last): centre crop of ``crop_ratio`` x the short side,
+    resized to ``res``. With ``distributed``, ffcv pads the last shard by repeating samples (as
+    DistributedSampler does), so exact metrics need de-duplication or a single process."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    decoder = CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
+    return _build(path, batch_size, decoder, order_random=False, num_workers=num_workers, seed=0,
+                  distributed=distributed, device=device, drop_last=False, os_cache=os_cache,
+                  dtype=dtype, batches_ahead=batches_ahead)
