@@ -1,0 +1,264 @@
+"""Typed configs: a YAML recipe, then `key=value` overrides, checked against dataclass schemas.
+
+Every user mistake ends in a `ConfigError` whose message is one line naming the key, the bad value
+and what is allowed; entry points print it and exit 2 before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe or an override."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # .beton written by data_prep/write_ffcv.py
+    val: str = ""
+    num_workers: int = 8  # per process
+    res: int = 224
+    os_cache: bool = True  # share the page cache between processes (FFCV os_cache)
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["micro", "tiny", "small", "base", "large", "huge"] = "base"
+    patch_size: int = 16
+    norm_pix_loss: bool = True
+    drop_path: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4  # lr = blr * global_batch / 256, as in MAE
+    lr: Optional[float] = None  # absolute lr; overrides blr
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 40.0
+    clip_grad: Optional[float] = None  # max global grad norm
+
+
+@dataclass
+class LogConfig:
+    # auto: online when WANDB_API_KEY is set, else offline (an online init without network hangs)
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "fastssl"
+    every_steps: int = 20
+    recon_every_epochs: int = 0  # 0: never; else save a reconstruction PNG grid every N epochs
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1
+    every_steps: int = 0  # 0: only at epoch ends
+    keep_last: int = 2
+
+
+@dataclass
+class RunConfig:
+    """What every entry point shares: where, how long, how precise, how fast."""
+
+    run_dir: str = "runs/default"
+    epochs: int = 800
+    batch_size: int = 4096  # global, over all processes and accumulation steps
+    accum_steps: int = 1
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> None:
+        _check(self.epochs > 0, "epochs", self.epochs, "must be > 0")
+        _check(self.batch_size > 0, "batch_size", self.batch_size, "must be > 0")
+        _check(self.accum_steps > 0, "accum_steps", self.accum_steps, "must be > 0")
+        _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "must be >= 0")
+        _check(self.model.patch_size > 0, "model.patch_size", self.model.patch_size, "must be > 0")
+        _check(
+            self.data.res > 0 and self.data.res % self.model.patch_size == 0,
+            "data.res", self.data.res,
+            f"must be a positive multiple of model.patch_size={self.model.patch_size}",
+        )
+        _check(0.0 <= self.model.drop_path < 1.0, "model.drop_path", self.model.drop_path, "must be in [0, 1)")
+        _check(self.optim.blr > 0, "optim.blr", self.optim.blr, "must be > 0")
+        _check(self.optim.lr is None or self.optim.lr > 0, "optim.lr", self.optim.lr, "must be > 0 or null")
+        _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, "must be >= 0")
+        _check(self.optim.warmup_epochs >= 0, "optim.warmup_epochs", self.optim.warmup_epochs, "must be >= 0")
+        _check(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", list(self.optim.betas), "each must be in [0, 1)")
+        _check(
+            self.optim.clip_grad is None or self.optim.clip_grad > 0,
+            "optim.clip_grad", self.optim.clip_grad, "must be > 0 or null",
+        )
+        _check(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", self.checkpoint.keep_last, "must be >= 1")
+        _check(self.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", self.checkpoint.every_epochs, "must be >= 0")
+        _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps", self.checkpoint.every_steps, "must be >= 0")
+        _check(self.log.every_steps > 0, "log.every_steps", self.log.every_steps, "must be > 0")
+
+    def validate_world(self, world_size: int) -> None:
+        """Checks that need the number of processes, known only after distributed init."""
+        per = world_size * self.accum_steps
+        _check(
+            self.batch_size % per == 0,
+            "batch_size", self.batch_size,
+            f"must be divisible by world_size x accum_steps = {world_size} x {self.accum_steps} = {per}",
+        )
+
+    def lr(self) -> float:
+        return self.optim.lr if self.optim.lr is not None else self.optim.blr * self.batch_size / 256
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    mask_ratio: float = 0.75
+    init: str = ""  # start from these weights (a fresh run only; resume always wins)
+
+    def validate(self) -> None:
+        super().validate()
+        _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
+        _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
+
+
+@dataclass
+class LinProbeConfig(RunConfig):
+    init: str = ""  # checkpoint to probe, or 'random' for a randomly initialised encoder
+    global_pool: Literal["token", "avg"] = "token"  # MAE probes the cls token
+
+    def validate(self) -> None:
+        super().validate()
+        _check(bool(self.init), "init", self.init, "must name a checkpoint or be 'random'")
+        _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
+        _check(bool(self.data.val), "data.val", self.data.val, "must name a .beton file")
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {allowed}")
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+T = typing.TypeVar("T")
+
+
+def load_config(cls: type[T], recipe: str | Path | None, overrides: list[str] = ()) -> T:
+    """Recipe YAML (may name a `_base_` recipe beside it) + `a.b=value` overrides -> validated `cls`."""
+    raw: dict = _read_recipe(Path(recipe)) if recipe else {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.blr=1e-4")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
+    cfg = _build(cls, raw, prefix="")
+    cfg.validate()
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _read_recipe(path: Path, _seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"recipe {str(path)!r}: no such file")
+    if path.resolve() in _seen:
+        raise ConfigError(f"recipe {str(path)!r}: _base_ chain loops")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {str(path)!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {str(path)!r}: must be a mapping of keys to values")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    merged = _read_recipe(path.parent / base, _seen + (path.resolve(),))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+    node[last] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}={raw!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix + unknown[0]!r} (allowed: {', '.join(names)})")
+    kwargs = {name: _coerce(hints[name], raw[name], prefix + name) for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(map(str, args))}")
+        return value
+    if origin in (tuple, list):
+        n = len(args) if origin is tuple and Ellipsis not in args else None
+        if not isinstance(value, (list, tuple)) or (n is not None and len(value) != n):
+            want = f"a list of {n}" if n else "a list"
+            raise ConfigError(f"{key}={value!r}: expected {want}")
+        inner = args[0] if args else Any
+        return origin(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return str(value)
+    return value

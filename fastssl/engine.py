@@ -1,0 +1,201 @@
+"""The training loop shared by pretraining and evaluation heads.
+
+One optimizer step = `accum_steps` micro-batches; the LR follows a global per-step schedule; bf16
+autocast without a scaler (fp16 gets a GradScaler); DDP with no_sync on all but the last micro-batch;
+atomic checkpoints that a killed run resumes from bitwise-exactly (CPU): the data order and
+augmentations are functions of (seed, epoch, index), and every micro-batch reseeds torch's RNG from
+(seed, position, rank), so nothing depends on what the process did before the resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastssl import checkpoint, dist, optim
+from fastssl.config import RunConfig, to_dict
+from fastssl.logger import RunLogger
+from fastssl.progressive import Schedule, Stage
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the last checkpoint on disk predates it."""
+
+
+class EpochLoader(Protocol):
+    def __len__(self) -> int: ...
+    def __iter__(self) -> Iterable: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
+    def set_resolution(self, res: int) -> None: ...
+
+
+# (model as called in the step, images, labels, stage) -> scalar loss
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch in progress
+    micro: int = 0  # micro-batches of that epoch already trained on
+    step: int = 0  # optimizer steps since the start of training
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def prepare_run_dir(cfg: RunConfig, info: dist.DistInfo) -> Path:
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.json.tmp"
+        tmp.write_text(json.dumps(to_dict(cfg), indent=2))
+        tmp.replace(run_dir / "config.json")
+    dist.barrier()
+    return run_dir
+
+
+def seed_position(seed: int, position: int, info: dist.DistInfo) -> None:
+    """Masking noise and drop path of each micro-batch depend only on where it is in training."""
+    torch.manual_seed((seed * 1_000_003 + position) * 4099 + info.rank)
+
+
+def fit(
+    cfg: RunConfig,
+    info: dist.DistInfo,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: EpochLoader,
+    loss_fn: LossFn,
+    schedule: Schedule,
+    logger: RunLogger,
+    on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
+) -> Progress:
+    micro_per_epoch = (len(loader) // cfg.accum_steps) * cfg.accum_steps
+    if micro_per_epoch == 0:
+        raise ValueError(
+            f"batch_size={cfg.batch_size}: the training set gives fewer than accum_steps={cfg.accum_steps} "
+            f"batches per process; lower batch_size"
+        )
+    steps_per_epoch = micro_per_epoch // cfg.accum_steps
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    base_lr = cfg.lr()
+    scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
+
+    progress = Progress()
+    resumed = checkpoint.load_latest(cfg.run_dir)
+    if resumed is not None:
+        model.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scaler.load_state_dict(resumed["scaler"])
+        progress = Progress(**resumed["progress"])
+        if info.is_main:
+            print(f"resumed from {resumed['path']} (epoch {progress.epoch}, step {progress.step})")
+
+    ddp = DistributedDataParallel(model) if info.distributed else model
+    step_model = torch.compile(ddp) if cfg.compile else ddp
+
+    def save() -> None:
+        if info.is_main:
+            checkpoint.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "progress": vars(progress).copy(),
+                    "config": to_dict(cfg),
+                },
+                cfg.run_dir, progress.step, cfg.checkpoint.keep_last,
+            )
+        dist.barrier()
+
+    loss_sum = torch.zeros((), device=info.device)
+    n_logged, t_log = 0, time.perf_counter()
+
+    def check_and_log(force: bool = False) -> None:
+        nonlocal loss_sum, n_logged, t_log
+        if n_logged == 0 or not (force or progress.step % cfg.log.every_steps == 0):
+            return
+        mean = dist.all_reduce_mean(loss_sum / n_logged).item()
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(
+                f"loss is {mean} at epoch {progress.epoch}, step {progress.step} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); the last checkpoint in "
+                f"{checkpoint.checkpoint_dir(cfg.run_dir)} is intact: lower the lr or use fp32/bf16"
+            )
+        elapsed = time.perf_counter() - t_log
+        logger.log({"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
+                    "img_per_s": n_logged * cfg.batch_size / cfg.accum_steps / max(elapsed, 1e-9)},
+                   progress.step)
+        loss_sum.zero_()
+        n_logged, t_log = 0, time.perf_counter()
+
+    for epoch in range(progress.epoch, cfg.epochs):
+        progress.epoch = epoch
+        stage = schedule(epoch)
+        loader.set_resolution(stage.res)
+        loader.set_epoch(epoch, start_batch=progress.micro)  # after a mid-epoch resume: the rest
+        model.train()
+        bar = _progress_bar(info, cfg, micro_per_epoch, progress.micro, epoch)
+        for i, (imgs, labels) in enumerate(loader, start=progress.micro):
+            if i >= micro_per_epoch:
+                break  # a partial accumulation window at the epoch end would skew the step
+            seed_position(cfg.seed, epoch * micro_per_epoch + i, info)
+            last_micro = (i + 1) % cfg.accum_steps == 0
+            if i % cfg.accum_steps == 0:
+                optim.set_lr(optimizer, optim.cosine_lr(progress.step, total_steps, warmup_steps,
+                                                        base_lr, cfg.optim.min_lr))
+            sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp.no_sync()
+            with sync:
+                with autocast(cfg.precision, info.device):
+                    loss = loss_fn(step_model, imgs, labels, stage)
+                scaler.scale(loss / cfg.accum_steps).backward()
+            loss_sum += loss.detach().float() / cfg.accum_steps
+            progress.micro = i + 1
+            if bar is not None:
+                bar.update(1)
+            if not last_micro:
+                continue
+            if cfg.optim.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            n_logged += 1
+            check_and_log()
+            if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
+                check_and_log(force=True)
+                save()
+        if bar is not None:
+            bar.close()
+        check_and_log(force=True)
+        progress.epoch, progress.micro = epoch + 1, 0
+        if on_epoch_end is not None:
+            logger.log(on_epoch_end(epoch, model), progress.step)
+        last = epoch + 1 == cfg.epochs
+        if last or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
+            save()
+    return progress
+
+
+def _progress_bar(info: dist.DistInfo, cfg: RunConfig, total: int, done: int, epoch: int):
+    if not (info.is_main and cfg.log.progress):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch",
+                dynamic_ncols=True, leave=False)

@@ -1,0 +1,87 @@
+"""MAE pretraining: `python -m fastssl.pretrain RECIPE [key=value ...]` (single process or torchrun).
+
+Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a fresh run's weights.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastssl import cli, dist, engine, optim, progressive
+from fastssl.config import ConfigError, PretrainConfig, to_dict
+from fastssl.data import make_eval_loader, make_pretrain_loader
+from fastssl.logger import RunLogger
+from fastssl.models import build_mae
+from fastssl.visualize import save_reconstructions
+
+
+def run(cfg: PretrainConfig) -> engine.Progress:
+    info = dist.init(cfg.device)
+    cfg.validate_world(info.world_size)
+    cli.require_file("data.train", cfg.data.train)
+    if cfg.data.val:
+        cli.require_file("data.val", cfg.data.val)
+    if cfg.init:
+        cli.require_file("init", cfg.init)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    # The stored position tables keep the 224 px grid of MAE's checkpoints; forward regenerates them
+    # for whatever resolution the stage uses.
+    model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size,
+                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path).to(info.device)
+    if cfg.init:
+        _load_init(model, cfg.init)
+    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device)
+    per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
+    loader = make_pretrain_loader(
+        cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
+        seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+    )
+    run_dir = engine.prepare_run_dir(cfg, info)
+    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb,
+                       project=cfg.log.project)
+
+    def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
+        return m(imgs, mask_ratio=stage.mask_ratio)[0]
+
+    on_epoch_end = None
+    if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
+        # Eight val images spread over the (class-sorted) split: the same pictures every time.
+        val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
+                               device=info.device)
+        every = torch.cat([imgs for imgs, _ in val])
+        fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
+
+        def on_epoch_end(epoch: int, m) -> dict:
+            if (epoch + 1) % cfg.log.recon_every_epochs:
+                return {}
+            path = run_dir / "recon" / f"epoch_{epoch + 1:04d}.png"
+            save_reconstructions(m, fixed, cfg.mask_ratio, path)
+            return {"recon": str(path)}
+
+    schedule = progressive.constant(cfg.data.res, cfg.mask_ratio)
+    try:
+        return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end)
+    finally:
+        logger.close()
+
+
+def _load_init(model: torch.nn.Module, path: str) -> None:
+    """Weights from our checkpoints or facebookresearch/mae's (`{'model': state_dict}`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"init={path!r}: cannot be read safely ({type(e).__name__}); "
+                          f"pass a checkpoint that holds only tensors") from None
+    sd = state.get("model", state)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"init={path!r}: keys do not match the model "
+                          f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(unexpected[:5]) or '-'})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(PretrainConfig, run, "python -m fastssl.pretrain", __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    main()

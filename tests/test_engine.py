@@ -1,0 +1,117 @@
+"""The training loop's mechanics on a synthetic loader: clipping, accumulation, LR schedule, checkpoints."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastssl import checkpoint, dist, engine, optim, progressive
+from fastssl.config import RunConfig
+from fastssl.logger import RunLogger
+
+
+class TensorLoader:
+    """An EpochLoader over fixed tensors: batch i of every epoch is the same."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch: int):
+        self.x, self.y, self.batch, self.start = x, y, batch, 0
+
+    def __len__(self):
+        return len(self.x) // self.batch
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.start = start_batch
+
+    def set_resolution(self, res):
+        pass
+
+    def __iter__(self):
+        for i in range(self.start, len(self)):
+            s = slice(i * self.batch, (i + 1) * self.batch)
+            yield self.x[s], self.y[s]
+
+
+def mse(m, x, y, stage):
+    return ((m(x) - y) ** 2).mean()
+
+
+def run(tmp_path, *, batch, accum=1, epochs=1, clip=None, lr=0.1, warmup=0.0, n=16, record=None):
+    cfg = RunConfig(run_dir=str(tmp_path), epochs=epochs, batch_size=batch * accum, accum_steps=accum,
+                    precision="fp32")
+    cfg.optim.lr, cfg.optim.clip_grad, cfg.optim.warmup_epochs = lr, clip, warmup
+    cfg.log.progress, cfg.log.every_steps = False, 1
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    x, y = torch.randn(n, 4) * 10, torch.randn(n, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    if record is not None:
+        step = opt.step
+
+        def recording_step(*a, **k):
+            record.append({"grad": torch.cat([p.grad.flatten() for p in model.parameters()]).clone(),
+                           "lr": opt.param_groups[0]["lr"]})
+            return step(*a, **k)
+
+        opt.step = recording_step
+    logger = RunLogger(tmp_path, {}, enabled=False, wandb="disabled", project="t")
+    info = dist.DistInfo()
+    engine.fit(cfg, info, model, opt, TensorLoader(x, y, batch), mse, progressive.constant(32), logger)
+    return model
+
+
+def test_clipping_bounds_the_gradient_norm(tmp_path):
+    free, clipped = [], []
+    run(tmp_path / "a", batch=8, record=free)
+    run(tmp_path / "b", batch=8, clip=0.5, record=clipped)
+    assert max(r["grad"].norm() for r in free) > 0.5  # so clipping has something to do
+    assert all(r["grad"].norm() <= 0.5 + 1e-5 for r in clipped)
+
+
+def test_accumulation_equals_the_big_batch(tmp_path):
+    big, small = [], []
+    run(tmp_path / "a", batch=8, record=big)
+    run(tmp_path / "b", batch=4, accum=2, record=small)
+    assert len(big) == len(small) == 2
+    for a, b in zip(big, small):
+        torch.testing.assert_close(a["grad"], b["grad"])
+
+
+def test_lr_warms_up_then_follows_cosine(tmp_path):
+    seen = []
+    run(tmp_path, batch=2, epochs=2, warmup=0.5, lr=1e-3, record=seen)  # 8 steps/epoch, 16 in all
+    lrs = [r["lr"] * 1e3 for r in seen]
+    assert lrs[:4] == pytest.approx([0, 0.25, 0.5, 0.75])
+    assert lrs[4] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(optim.cosine_lr(10, 16, 4, 1.0, 0.0))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 11 / 12)))
+
+
+def test_load_latest_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    checkpoint.save({"v": torch.tensor(1)}, tmp_path, step=10, keep_last=3)
+    newest = checkpoint.save({"v": torch.tensor(2)}, tmp_path, step=20, keep_last=3)
+    newest.write_bytes(newest.read_bytes()[:50])  # a node died mid-copy
+    state = checkpoint.load_latest(tmp_path)
+    assert state["v"].item() == 1 and state["path"].endswith("ckpt_000000010.pt")
+    assert "skipping unreadable ckpt_000000020.pt" in capsys.readouterr().err
+
+
+def test_keep_last_prunes_oldest_and_leaves_no_temp_files(tmp_path):
+    for step in (1, 2, 3, 4):
+        checkpoint.save({"v": torch.tensor(step)}, tmp_path, step=step, keep_last=2)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt_000000003.pt", "ckpt_000000004.pt"]
+    assert sorted(p.name for p in checkpoint.checkpoint_dir(tmp_path).iterdir()) == \
+        ["ckpt_000000003.pt", "ckpt_000000004.pt"]
+
+
+def test_no_decay_on_norms_biases_and_tokens():
+    from fastssl.models import build_mae
+
+    model = build_mae("micro")
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = optim.param_groups(model, weight_decay=0.05)
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert "pos_embed" not in no_decay_names  # fixed sin-cos: not trained at all
+    assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"]
+               if not names[id(p)].startswith("patch_embed"))
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

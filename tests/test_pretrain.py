@@ -1,0 +1,128 @@
+"""Pretraining end to end on the demo .beton files: checkpoints, logs, kill-and-resume, divergence."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastssl import checkpoint, linprobe, pretrain
+from fastssl.config import LinProbeConfig, PretrainConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRETRAIN = ROOT / "recipes/demo/pretrain_cpu.yaml"
+LINPROBE = ROOT / "recipes/demo/linprobe_cpu.yaml"
+
+
+def small(betons, run_dir, *extra):
+    """A few quick steps: 3 epochs of 4 steps of 32 images at 32 px."""
+    return [f"run_dir={run_dir}", f"data.train={betons.train}", f"data.val={betons.val}",
+            "data.res=32", "batch_size=32", "epochs=3", "log.wandb=disabled", "log.progress=false",
+            "data.num_workers=1", "checkpoint.every_epochs=1", *extra]
+
+
+def final_weights(run_dir) -> dict:
+    return checkpoint.load_latest(run_dir)["model"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_betons, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    cfg = load_config(PretrainConfig, PRETRAIN, small(demo_betons, run_dir, "log.recon_every_epochs=3",
+                                                      "log.every_steps=2"))
+    progress = pretrain.run(cfg)
+    return run_dir, progress
+
+
+def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
+    run_dir, progress = pretrained
+    assert progress.epoch == 3 and progress.step > 0
+    state = checkpoint.load_latest(run_dir)
+    assert set(state) >= {"model", "optimizer", "scaler", "progress", "config"}
+    assert state["progress"] == {"epoch": 3, "micro": 0, "step": progress.step}
+    assert len(checkpoint.list_checkpoints(run_dir)) == 2  # keep_last=2 of the 3 epoch checkpoints
+    assert json.loads((run_dir / "config.json").read_text())["data"]["res"] == 32
+    losses = [r["train/loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+              if "train/loss" in r]
+    assert losses and all(0 < x < 10 for x in losses)
+    png = run_dir / "recon" / "epoch_0003.png"
+    from PIL import Image
+    w, h = Image.open(png).size
+    assert (w, h) == (3 * 32, 8 * 32)  # original | masked | reconstruction, 8 rows
+
+
+def test_killed_run_resumes_to_identical_weights(demo_betons, tmp_path):
+    """SIGKILL mid-training (mid-epoch checkpoints too), resume: bitwise the weights of an unbroken run."""
+    args = ["checkpoint.every_steps=3", "checkpoint.keep_last=10", "epochs=4"]
+    cmd = [sys.executable, "-m", "fastssl.pretrain", str(PRETRAIN)]
+    straight = tmp_path / "straight"
+    subprocess.run(cmd + small(demo_betons, straight, *args), check=True, cwd=ROOT, capture_output=True)
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen(cmd + small(demo_betons, broken, *args), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(checkpoint.list_checkpoints(broken)) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = checkpoint.list_checkpoints(broken)
+    assert kept, "the run was killed before it wrote a checkpoint"
+    resumed_from = torch.load(kept[-1], weights_only=True)["progress"]
+    assert resumed_from["step"] < 12, "the run finished before the kill; nothing was resumed"
+
+    r = subprocess.run(cmd + small(demo_betons, broken, *args), cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "resumed from" in r.stdout
+    a, b = final_weights(straight), final_weights(broken)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the unbroken run"
+
+
+def test_divergence_stops_with_message_and_keeps_last_checkpoint(demo_betons, tmp_path):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fastssl.pretrain", str(PRETRAIN)]
+    subprocess.run(cmd + small(demo_betons, run_dir, "epochs=1"), check=True, cwd=ROOT, capture_output=True)
+    (good,) = checkpoint.list_checkpoints(run_dir)
+    before = good.read_bytes()
+
+    r = subprocess.run(cmd + small(demo_betons, run_dir, "optim.lr=1e30", "precision=fp32", "log.every_steps=1"),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: loss is ") and "the last checkpoint" in last
+    assert checkpoint.list_checkpoints(run_dir) == [good]
+    assert good.read_bytes() == before
+
+
+def test_linear_probe_trains_head_only(pretrained, demo_betons, tmp_path):
+    run_dir, _ = pretrained
+    ckpt = checkpoint.list_checkpoints(run_dir)[-1]
+    cfg = load_config(LinProbeConfig, LINPROBE, [
+        f"init={ckpt}", f"run_dir={tmp_path / 'probe'}", f"data.train={demo_betons.train}",
+        f"data.val={demo_betons.val}", "data.res=32", "epochs=2", "log.wandb=disabled", "log.progress=false",
+        "data.num_workers=1", "batch_size=64",
+    ])
+    result = linprobe.run(cfg)
+    assert 0 <= result["val/top1"] <= 100 and result["val/n"] > 0
+    probe = checkpoint.load_latest(tmp_path / "probe")["model"]
+    encoder = {k.removeprefix("encoder."): v for k, v in probe.items() if k.startswith("encoder.")}
+    pre = final_weights(run_dir)
+    assert encoder and all(torch.equal(v, pre[k]) for k, v in encoder.items() if k != "pos_embed")
+    assert probe["head.1.weight"].shape == (10, 64)
+    assert json.loads((tmp_path / "probe" / "results.json").read_text())["val/top1"] == result["val/top1"]
+
+
+def test_demo_end_to_end(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "fastssl.demo", "--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"),
+         "--epochs", "2", "--probe-epochs", "2"],
+        cwd=ROOT, capture_output=True, text=True, env={**__import__("os").environ, "WANDB_MODE": "offline"},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "pretrained MAE encoder" in r.stdout and "random encoder" in r.stdout
+    assert (tmp_path / "data" / "train.beton").exists() and (tmp_path / "data" / "val.beton").exists()
+    assert list((tmp_path / "runs" / "pretrain" / "wandb").glob("offline-run-*"))
