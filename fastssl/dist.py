@@ -55,6 +55,15 @@ def init(device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+def export_submitit_env() -> None:
+    """Inside a submitit job (Slurm or local): rank, world size, local rank and the master address and
+    port from submitit's helper, exported as the env:// variables `init` reads. CUDA_VISIBLE_DEVICES is
+    left alone: `init` picks cuda:LOCAL_RANK among the node's GPUs."""
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastssl import checkpoint, dist, optim
+from fastssl import checkpoint, dist, optim, stop
 from fastssl.config import RunConfig, to_dict
 from fastssl.logger import RunLogger
 from fastssl.progressive import Schedule, Stage
@@ -180,6 +180,10 @@ def fit(
             if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
                 check_and_log(force=True)
                 save()
+            if stop.agreed(info.device):  # a timeout or preemption signal: the requeued job resumes here
+                check_and_log(force=True)
+                save()
+                raise stop.StopRequested(f"stopped on a signal at step {progress.step}; checkpoint saved")
         if bar is not None:
             bar.close()
         check_and_log(force=True)

@@ -1,0 +1,94 @@
+"""What a submitted job runs on each of its tasks: one process per GPU (or CPU stand-in).
+
+`Job(entry, recipe, overrides)()` takes rank, world and master from submitit's distributed
+environment, stages the .beton files if asked, and runs the entry point. On USR2 (Slurm's warning
+before a timeout, or a preemption) the training loop saves at the next step boundary; then rank 0
+hands over to submitit's own handler, which re-pickles this job and requeues it, and the requeued
+job resumes from that checkpoint. A real error is not caught here: the job fails and stays failed.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+import time
+import typing
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import submitit
+
+from fastssl import checkpoint, dist, stop
+from fastssl.config import ConfigError, load_config
+
+ENTRIES = ("pretrain", "finetune", "linprobe", "knn", "expand")
+
+
+def entry_module(entry: str) -> ModuleType:
+    if entry not in ENTRIES:
+        raise ConfigError(f"entry {entry!r}: must be one of {', '.join(ENTRIES)}")
+    try:
+        return importlib.import_module(f"fastssl.{entry}")
+    except ModuleNotFoundError as e:
+        if e.name != f"fastssl.{entry}":
+            raise
+        raise ConfigError(f"entry {entry!r}: fastssl.{entry} is not in this checkout") from None
+
+
+def config_class(module: ModuleType) -> type:
+    """The config type an entry point's `run(cfg)` takes."""
+    return typing.get_type_hints(module.run)["cfg"]
+
+
+def resolve_init(overrides: list[str]) -> list[str]:
+    """`init=RUN_DIR` (what a `--then` chain passes) -> that run's newest checkpoint."""
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key == "init" and value and Path(value).is_dir():
+            found = checkpoint.list_checkpoints(value)
+            if not found:
+                raise ConfigError(f"init={value!r}: a run folder without checkpoints")
+            item = f"init={found[-1]}"
+        out.append(item)
+    return out
+
+
+class Job(submitit.helpers.Checkpointable):
+    # Checkpointable.checkpoint re-submits this same object: the state is the run folder's checkpoint.
+
+    def __init__(self, entry: str, recipe: str, overrides: list[str], stage_dir: str | None = None):
+        self.entry = entry
+        self.recipe = recipe
+        self.overrides = list(overrides)
+        self.stage_dir = stage_dir  # "$TMPDIR" is expanded on the node
+
+    def __call__(self) -> Any:
+        dist.export_submitit_env()
+        module = entry_module(self.entry)
+        cfg = load_config(config_class(module), self.recipe, resolve_init(self.overrides))
+        if self.stage_dir:
+            self._stage(cfg)
+        submitit_handler = stop.arm(signal.SIGUSR2)
+        try:
+            return module.run(cfg)
+        except stop.StopRequested as e:
+            print(e, flush=True)
+            if int(os.environ.get("RANK", "0")) == 0:
+                if callable(submitit_handler):
+                    submitit_handler(signal.SIGUSR2, None)  # re-pickles, `scontrol requeue`s, exits
+                raise  # not requeued: no submitit job around this process
+            time.sleep(600)  # the requeue ends this task; rank 0 failing ends it too (--kill-on-bad-exit)
+            sys.exit(1)
+
+    def _stage(self, cfg) -> None:
+        from fastssl.staging import stage
+
+        folder = os.path.expandvars(self.stage_dir)
+        if "$" in folder:
+            raise ConfigError(f"--stage-dir {self.stage_dir!r}: a variable in it is not set on this node")
+        cfg.data.train = str(stage(cfg.data.train, folder))
+        if cfg.data.val:
+            cfg.data.val = str(stage(cfg.data.val, folder))

@@ -1,0 +1,51 @@
+"""Runs a pretrain in each of N processes and reports what each rank ended with (for test_slurm.py).
+
+Through Slurm: `run_job(recipe, overrides)` is what a submitit job calls (it goes through fastssl.job).
+Through torchrun: `torchrun --nproc-per-node 2 -m tests.ddp_probe OUT RECIPE key=value ...` writes
+OUT/rank<r>.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from fastssl import engine
+
+
+def _recording_fit(report: dict):
+    real_fit = engine.fit
+
+    def fit(cfg, info, model, optimizer, loader, *args, **kwargs):
+        progress = real_fit(cfg, info, model, optimizer, loader, *args, **kwargs)
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        report.update(rank=info.rank, world=info.world_size, per_process_batch=loader.batch_size,
+                      accum_steps=cfg.accum_steps, global_batch=cfg.batch_size, steps=progress.step,
+                      weights=h.hexdigest())
+        return progress
+
+    engine.fit = fit
+
+
+def run_job(recipe: str, overrides: list[str]) -> dict:
+    from fastssl.job import Job
+
+    report: dict = {}
+    _recording_fit(report)
+    Job("pretrain", recipe, overrides)()
+    return report
+
+
+if __name__ == "__main__":
+    from fastssl import pretrain
+    from fastssl.config import PretrainConfig, load_config
+
+    out, recipe, *overrides = sys.argv[1:]
+    report: dict = {}
+    _recording_fit(report)
+    pretrain.run(load_config(PretrainConfig, recipe, overrides))
+    Path(out, f"rank{report['rank']}.json").write_text(json.dumps(report))
