@@ -109,15 +109,18 @@ def make_pretrain_loader(path: str | os.PathLike, batch_size: int, res: int, num
                          drop_last: bool = True, scale: tuple[float, float] = (0.2, 1.0),
                          ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.5,
                          os_cache: bool = True, dtype: torch.dtype = torch.float32,
-                         batches_ahead: int = 3) -> FFCVLoader:
+                         batches_ahead: int = 3, crop_decode: bool = True) -> FFCVLoader:
     """Shuffled, RandomResizedCrop(res, scale, ratio) + flip; deterministic in (seed, epoch).
 
     Also the linear-probe train loader (MAE protocol: RRC + flip, labels used). ``batch_size`` is per
     process. ``num_workers`` sets ffcv's numba threads *and* ``torch.set_num_threads`` (ffcv does so).
+    ``crop_decode`` decodes JPEGs crop-aware (see :mod:`fastssl.data.seeded_crop`); False decodes the
+    whole image first, as ffcv's stock decoder does.
     """
     from .seeded_crop import SeededRandomResizedCropFlip
 
-    decoder = SeededRandomResizedCropFlip((res, res), seed=seed, scale=scale, ratio=ratio, flip_prob=flip_prob)
+    decoder = SeededRandomResizedCropFlip((res, res), seed=seed, scale=scale, ratio=ratio, flip_prob=flip_prob,
+                                          crop_decode=crop_decode)
     return _build(path, batch_size, decoder, order_random=True, num_workers=num_workers, seed=seed,
                   distributed=distributed, device=device, drop_last=drop_last, os_cache=os_cache,
                   dtype=dtype, batches_ahead=batches_ahead)

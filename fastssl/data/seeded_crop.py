@@ -12,6 +12,12 @@ the pipeline; the epoch is not, since ffcv compiles once per Loader. It reaches 
 the last dimension of an empty (zero-byte) buffer, because ffcv re-queries every operation's memory
 at the start of each epoch (``EpochIterator`` -> ``Graph.allocate_memory``) and passes the buffers to
 the compiled code as arguments; numba does not recompile for a new shape.
+
+JPEGs go through the crop-aware decoder (:mod:`fastssl.data.jpeg_crop`) by default: it decodes only
+the crop box, at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) that keeps the crop at least at the
+output size, then area-resizes as the stock decoder does. The crop boxes are the same either way; at
+scale 1/1 the pixels are exactly the stock decoder's, scaled decodes differ by DCT-domain smoothing.
+``crop_decode=False`` (or no C compiler) decodes the full image at full scale and then crops.
 """
 from __future__ import annotations
 
@@ -21,6 +27,8 @@ from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+
+from .jpeg_crop import AVAILABLE, dct_denom, decode_crop_resize
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -92,16 +100,18 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
     """Decode + RandomResizedCrop(output_size, scale, ratio) + horizontal flip(flip_prob), seeded.
 
     Set :attr:`epoch` before iterating the Loader; change :attr:`output_size` between epochs to change
-    the resolution (ffcv re-allocates the output buffers at each epoch).
+    the resolution (ffcv re-allocates the output buffers at each epoch). ``crop_decode`` picks the
+    crop-aware JPEG decoder (module docstring); it is fixed when ffcv compiles the pipeline.
     """
 
     def __init__(self, output_size: tuple[int, int], seed: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
-                 flip_prob: float = 0.5):
+                 flip_prob: float = 0.5, crop_decode: bool = True):
         super().__init__(output_size)
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
         self.scale = tuple(scale)
         self.ratio = tuple(ratio)
         self.flip_prob = float(flip_prob)
+        self.crop_decode = bool(crop_decode) and AVAILABLE
         self.epoch = 0
 
     def declare_state_and_memory(self, previous_state):
@@ -119,6 +129,8 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
+        crop_decode = self.crop_decode
+        crop_decode_c = Compiler.compile(decode_crop_resize)
         seed, flip_prob = np.uint64(self.seed), self.flip_prob
         scale, ratio = np.array(self.scale), np.array(self.ratio)
 
@@ -131,17 +143,24 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.uint32(field["height"])
                 width = np.uint32(field["width"])
-                if field["mode"] == jpg:
-                    temp_buffer = temp_storage[dst_ix]
-                    imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                    temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
-                else:
-                    temp_buffer = image_data.reshape(height, width, 3)
                 i, j, h, w, flip = sample_crop_flip(seed, epoch, source_ix, height, width, scale, ratio,
                                                     flip_prob)
-                resize_crop_c(temp_buffer, i, i + h, j, j + w, destination[dst_ix])
-                if flip:
-                    _flip_in_place(destination[dst_ix])
+                out = destination[dst_ix]
+                if crop_decode and field["mode"] == jpg:
+                    denom = dct_denom(h, w, out.shape[0], out.shape[1])
+                    if crop_decode_c(image_data, i, j, h, w, denom, out, flip) != 0:
+                        raise ValueError("corrupt JPEG in the dataset")
+                else:
+                    if field["mode"] == jpg:
+                        temp_buffer = temp_storage[dst_ix]
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False,
+                                   False)
+                        temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    else:
+                        temp_buffer = image_data.reshape(height, width, 3)
+                    resize_crop_c(temp_buffer, i, i + h, j, j + w, out)
+                    if flip:
+                        _flip_in_place(out)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

@@ -1,0 +1,78 @@
+"""Shared helpers: timing (median of runs + spread), tables, JSON + PNG results, machine description."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    import torch
+
+    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def measure(run: Callable[[], int], runs: int) -> dict:
+    """``run()`` does some work and returns how many items it processed; rate = items / seconds.
+    Returns the median rate and its spread over ``runs`` runs (the machine is shared and noisy)."""
+    rates = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        n = run()
+        rates.append(n / (time.perf_counter() - t))
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": runs}
+
+
+def fmt_rate(m: dict) -> str:
+    spread = (m["max"] - m["min"]) / m["median"] * 100 if m["median"] else 0.0
+    return f"{m['median']:.0f} ±{spread / 2:.0f}%"
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    text = "\n".join([f"### {title}", "", line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+                      *map(line, rows)])
+    print(text, flush=True)
+    return text
+
+
+def write_results(name: str, payload: dict, bars: dict[str, float] | None = None) -> Path:
+    """``results/<name>.json`` (atomically) and, given ``bars`` (label -> value), ``results/<name>.png``."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / f"{name}.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    os.replace(tmp, out)
+    if bars:
+        _bar_png(RESULTS / f"{name}.png", name, bars)
+    return out
+
+
+def _bar_png(path: Path, title: str, bars: dict[str, float]) -> None:
+    """A horizontal bar chart drawn with PIL (matplotlib is not a dependency)."""
+    from PIL import Image, ImageDraw
+
+    row, left, width = 22, 260, 420
+    img = Image.new("RGB", (left + width + 90, row * (len(bars) + 2)), "white")
+    d = ImageDraw.Draw(img)
+    d.text((8, 4), title, fill="black")
+    top = max(bars.values()) or 1.0
+    for k, (label, v) in enumerate(bars.items()):
+        y = row * (k + 1) + 4
+        d.text((8, y + 3), label[:40], fill="black")
+        d.rectangle([left, y, left + int(width * v / top), y + row - 6], fill=(70, 110, 180))
+        d.text((left + int(width * v / top) + 6, y + 3), f"{v:.3g}", fill="black")
+    tmp = path.with_suffix(".png.tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)

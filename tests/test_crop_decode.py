@@ -1,0 +1,72 @@
+"""The crop-aware JPEG decoder: same crops as the full decode, matching pixel statistics,
+determinism in (seed, epoch) across worker counts, DCT scale choice, corrupt input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fastssl.data import IMAGENET_MEAN, IMAGENET_STD, make_pretrain_loader
+from fastssl.data.jpeg_crop import AVAILABLE, dct_denom, decode_crop_resize
+
+pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no C compiler / libjpeg headers")
+BATCH = 16
+
+
+@pytest.fixture(scope="module")
+def photo_beton(tmp_path_factory):
+    from benchmarks.photos import make_photos
+    from data_prep.write_ffcv import convert
+
+    base = tmp_path_factory.mktemp("photos")
+    root = make_photos(base, 48)
+    return convert(root, base / "jpg.beton", write_mode="jpg", max_res=500, jpeg_quality=90, workers=1,
+                   progress=False, log=lambda *a, **k: None).out
+
+
+def _pixels(beton, res: int, crop_decode: bool, workers: int = 1) -> torch.Tensor:
+    """One epoch's images in grey levels (0..255)."""
+    loader = make_pretrain_loader(beton, BATCH, res, workers, seed=5, crop_decode=crop_decode)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    return torch.cat([x for x, _ in loader]) * std + mean
+
+
+def test_unscaled_crops_match_the_full_decode(photo_beton):
+    # at 224 px the 400-500 px photos are decoded at scale 1/1: same boxes, same area filter
+    a, b = _pixels(photo_beton, 224, True), _pixels(photo_beton, 224, False)
+    diff = (a - b).abs().mean(dim=(1, 2, 3))
+    assert diff.median() < 0.5 and diff.max() < 5  # grey levels; another crop or flip: ~30
+
+
+def test_scaled_decode_keeps_pixel_statistics(photo_beton):
+    # at 64 px most crops decode at 1/2 .. 1/8 scale: smoothing, but the same crops and, per channel,
+    # mean and std within 1% of the stock decoder's
+    a, b = _pixels(photo_beton, 64, True), _pixels(photo_beton, 64, False)
+    dims = (0, 2, 3)
+    assert torch.all((a.mean(dims) - b.mean(dims)).abs() < 0.01 * b.mean(dims))
+    assert torch.all((a.std(dims) - b.std(dims)).abs() < 0.01 * b.std(dims))
+    per_image = torch.nn.functional.cosine_similarity(a.flatten(1), b.flatten(1))
+    assert per_image.min() > 0.95  # each image is the same crop and flip
+
+
+def test_deterministic_across_workers_and_runs(photo_beton):
+    a = _pixels(photo_beton, 96, True, workers=1)
+    assert torch.equal(a, _pixels(photo_beton, 96, True, workers=2))
+
+
+def test_dct_denom_keeps_the_crop_at_least_the_output_size():
+    assert dct_denom(300, 300, 224, 224) == 1
+    assert dct_denom(448, 500, 224, 224) == 2
+    assert dct_denom(447, 500, 224, 224) == 1
+    assert dct_denom(500, 400, 64, 64) == 4
+    assert dct_denom(4000, 4000, 32, 32) == 8
+    for h, w, r in ((333, 290, 128), (480, 360, 64), (200, 500, 96)):
+        d = dct_denom(h, w, r, r)
+        assert h // d >= r and w // d >= r and (d == 8 or h // (2 * d) < r or w // (2 * d) < r)
+
+
+def test_corrupt_jpeg_is_an_error_not_a_crash():
+    garbage = np.frombuffer(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, np.uint8)
+    out = np.zeros((32, 32, 3), np.uint8)
+    assert decode_crop_resize(garbage, 0, 0, 64, 64, 1, out, False) == -1
