@@ -223,7 +223,7 @@ class BatchAugment:
 
     def _augment(self, x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.float32, copy=True)  # timm's Mixup works in place: leave the caller's batch alone
         if self.rand_augment is not None:
             mean, std = self._mean.to(x.device), self._std.to(x.device)
             x = (self.rand_augment((x * std + mean).clamp_(0, 1)) - mean) / std
