@@ -211,6 +211,9 @@ class AugmentConfig:
 
 @dataclass
 class FinetuneConfig(EvalConfig):
+    # MAE fine-tuning defaults (ViT-B); a recipe states them anyway
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        blr=5e-4, min_lr=1e-6, betas=(0.9, 0.999), warmup_epochs=5.0))
     layer_decay: float = 0.75  # lr scale per block from the head down (MAE: 0.65 B, 0.75 L/H)
     global_pool: Literal["token", "avg"] = "avg"  # MAE fine-tunes on the average-pooled tokens
     ema: bool = False

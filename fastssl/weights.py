@@ -81,10 +81,8 @@ def model_state(state: dict) -> dict[str, torch.Tensor]:
 
 
 def vit_arch(state: dict, path: str = "", key: str = "init") -> tuple[str, int]:
-    """(size name, patch size) of the ViT in a checkpoint: from our config, else from the shapes."""
-    model_cfg = state.get("config", {}).get("model", {}) if isinstance(state.get("config"), dict) else {}
-    if "size" in model_cfg:
-        return model_cfg["size"], model_cfg.get("patch_size", SIZES[model_cfg["size"]].patch_size)
+    """(size name, patch size) of the ViT in a checkpoint, from its shapes (a recipe's `model.size`
+    may not be what a probe actually loaded; the tensors are)."""
     sd = model_state(state)
     proj = sd.get("patch_embed.proj.weight")
     if proj is None:
@@ -102,7 +100,7 @@ def load_vit(vit: nn.Module, state: dict, path: str = "", key: str = "init") -> 
     """Encoder weights into a timm ViT (position table resampled to its grid; see `load_encoder`)."""
     try:
         load_encoder(vit, model_state(state))
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape mismatches
         raise ConfigError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
 
 
@@ -132,7 +130,10 @@ def load_mae(mae: nn.Module, state: dict, path: str = "", key: str = "init") -> 
     sd = {k: v for k, v in model_state(state).items() if k not in ("pos_embed", "decoder_pos_embed")}
     has_decoder = any(k.startswith("decoder_") for k in sd)
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
-    missing, unexpected = mae.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = mae.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: another size or patch
+        raise ConfigError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
     missing = [k for k in missing if k not in ("pos_embed", "decoder_pos_embed")]
     if not has_decoder:
         fresh = [k for k in missing if k not in encoder_state_dict(dict.fromkeys(missing))]
