@@ -30,8 +30,10 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _UNSUPPORTED = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
-def read(path: str, key: str = "init", unsafe: bool = False) -> dict:
-    """The file's contents; a ConfigError naming `key` when it is missing, unreadable or unsafe."""
+def read(path: str, key: str = "init", unsafe: bool = False, opt_in: str = "") -> dict:
+    """The file's contents; a ConfigError naming `key` when it is missing, unreadable or unsafe.
+    `opt_in` names the user's switch for `unsafe` (default `<key>_unsafe=true`)."""
+    opt_in = opt_in or f"{key}_unsafe=true"
     if not Path(path).is_file():
         raise ConfigError(f"{key}={path!r}: no such file")
     if path.endswith(".safetensors"):
@@ -50,8 +52,8 @@ def read(path: str, key: str = "init", unsafe: bool = False) -> dict:
         if not unsafe:
             raise ConfigError(
                 f"{key}={path!r}: holds {what}, which only arbitrary unpickling can rebuild (it can run "
-                f"code); if you trust the file, add {key}_unsafe=true") from None
-        print(f"{key}: loading {path} with full unpickling ({what}) because {key}_unsafe=true",
+                f"code); if you trust the file, add {opt_in}") from None
+        print(f"{key}: loading {path} with full unpickling ({what}) because of {opt_in}",
               file=sys.stderr)
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
