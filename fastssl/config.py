@@ -122,26 +122,119 @@ class RunConfig:
 
 
 @dataclass
+class KNNConfig:
+    """Weighted kNN on encoder features (cosine, k nearest, weights exp(sim / temperature))."""
+
+    every_epochs: int = 0  # pretraining: 0 never; else run the monitor every N epochs
+    k: int = 20
+    temperature: float = 0.07
+    batch_size: int = 256  # per process, for feature extraction
+
+    def validate(self) -> None:
+        _check(self.every_epochs >= 0, "knn.every_epochs", self.every_epochs, "must be >= 0")
+        _check(self.k >= 1, "knn.k", self.k, "must be >= 1")
+        _check(self.temperature > 0, "knn.temperature", self.temperature, "must be > 0")
+        _check(self.batch_size >= 1, "knn.batch_size", self.batch_size, "must be >= 1")
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     mask_ratio: float = 0.75
     init: str = ""  # start from these weights (a fresh run only; resume always wins)
+    init_unsafe: bool = False  # allow arbitrary unpickling of `init` (only for files you trust)
+    knn: KNNConfig = field(default_factory=KNNConfig)
 
     def validate(self) -> None:
         super().validate()
         _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
         _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
+        self.knn.validate()
+        _check(not self.knn.every_epochs or bool(self.data.val), "data.val", self.data.val,
+               "must name a .beton file when knn.every_epochs > 0")
 
 
 @dataclass
-class LinProbeConfig(RunConfig):
-    init: str = ""  # checkpoint to probe, or 'random' for a randomly initialised encoder
-    global_pool: Literal["token", "avg"] = "token"  # MAE probes the cls token
+class EvalConfig(RunConfig):
+    """What the evaluations of a pretrained encoder share: the weights to evaluate and the data."""
+
+    init: str = ""  # checkpoint to evaluate (ours, facebookresearch/mae, timm), or 'random'
+    init_unsafe: bool = False  # allow arbitrary unpickling of `init` (only for files you trust)
 
     def validate(self) -> None:
         super().validate()
         _check(bool(self.init), "init", self.init, "must name a checkpoint or be 'random'")
         _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
         _check(bool(self.data.val), "data.val", self.data.val, "must name a .beton file")
+
+
+@dataclass
+class LinProbeConfig(EvalConfig):
+    global_pool: Literal["token", "avg"] = "token"  # MAE probes the cls token
+    # 0: encode every batch live (the MAE protocol). K > 0: encode K augmented (RRC + flip) views of
+    # the train set once, then train the head on the cached features, epoch e on view e mod K.
+    cache_views: int = 0
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    # One head per entry, trained together at entry x lr on the same features (an lr sweep in one
+    # run); results.json reports each, and the best on val.
+    lr_scales: list[float] = field(default_factory=lambda: [1.0])
+
+    def validate(self) -> None:
+        super().validate()
+        _check(self.cache_views >= 0, "cache_views", self.cache_views, "must be >= 0")
+        _check(bool(self.lr_scales) and all(s > 0 for s in self.lr_scales), "lr_scales", self.lr_scales,
+               "must be a non-empty list of numbers > 0")
+
+
+@dataclass
+class AugmentConfig:
+    """Fine-tuning augmentation (MAE: timm's create_transform + Mixup, all on the batch here)."""
+
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range (in the FFCV decoder)
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm's notation; "" turns it off
+    reprob: float = 0.25  # random erasing probability (per image, pixel mode)
+    mixup: float = 0.8  # mixup alpha; 0 off
+    cutmix: float = 1.0  # cutmix alpha; 0 off
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    smoothing: float = 0.1
+
+    def validate(self) -> None:
+        _check(0 < self.scale[0] <= self.scale[1] <= 1, "augment.scale", list(self.scale),
+               "must be [lo, hi] with 0 < lo <= hi <= 1")
+        _check(0 <= self.reprob <= 1, "augment.reprob", self.reprob, "must be in [0, 1]")
+        _check(self.mixup >= 0 and self.cutmix >= 0, "augment.mixup", self.mixup, "alphas must be >= 0")
+        _check(0 <= self.mixup_prob <= 1, "augment.mixup_prob", self.mixup_prob, "must be in [0, 1]")
+        _check(0 <= self.mixup_switch_prob <= 1, "augment.mixup_switch_prob", self.mixup_switch_prob,
+               "must be in [0, 1]")
+        _check(0 <= self.smoothing < 1, "augment.smoothing", self.smoothing, "must be in [0, 1)")
+
+
+@dataclass
+class FinetuneConfig(EvalConfig):
+    # MAE fine-tuning defaults (ViT-B); a recipe states them anyway
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(
+        blr=5e-4, min_lr=1e-6, betas=(0.9, 0.999), warmup_epochs=5.0))
+    layer_decay: float = 0.75  # lr scale per block from the head down (MAE: 0.65 B, 0.75 L/H)
+    global_pool: Literal["token", "avg"] = "avg"  # MAE fine-tunes on the average-pooled tokens
+    ema: bool = False
+    ema_decay: float = 0.9999
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        _check(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]")
+        _check(0 < self.ema_decay < 1, "ema_decay", self.ema_decay, "must be in (0, 1)")
+        self.augment.validate()
+
+
+@dataclass
+class KNNRunConfig(EvalConfig):
+    global_pool: Literal["token", "avg"] = "token"
+    knn: KNNConfig = field(default_factory=KNNConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        self.knn.validate()
 
 
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:

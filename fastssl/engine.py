@@ -37,6 +37,11 @@ class EpochLoader(Protocol):
     def set_resolution(self, res: int) -> None: ...
 
 
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> object: ...
+
+
 # (model as called in the step, images, labels, stage) -> scalar loss
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 
@@ -81,7 +86,11 @@ def fit(
     schedule: Schedule,
     logger: RunLogger,
     on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
+    extra_state: dict[str, Stateful] | None = None,
 ) -> Progress:
+    """Train to `cfg.epochs`, resuming from the run folder. `extra_state` objects (an EMA, a best-
+    metric tracker) are saved in every checkpoint under their names and restored on resume."""
+    extra_state = extra_state or {}
     micro_per_epoch = (len(loader) // cfg.accum_steps) * cfg.accum_steps
     if micro_per_epoch == 0:
         raise ValueError(
@@ -101,6 +110,8 @@ def fit(
         optimizer.load_state_dict(resumed["optimizer"])
         scaler.load_state_dict(resumed["scaler"])
         progress = Progress(**resumed["progress"])
+        for name, obj in extra_state.items():
+            obj.load_state_dict(resumed[name])
         if info.is_main:
             print(f"resumed from {resumed['path']} (epoch {progress.epoch}, step {progress.step})")
 
@@ -116,6 +127,7 @@ def fit(
                     "scaler": scaler.state_dict(),
                     "progress": vars(progress).copy(),
                     "config": to_dict(cfg),
+                    **{name: obj.state_dict() for name, obj in extra_state.items()},
                 },
                 cfg.run_dir, progress.step, cfg.checkpoint.keep_last,
             )

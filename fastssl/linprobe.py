@@ -1,33 +1,49 @@
 """Linear probe (MAE protocol): `python -m fastssl.linprobe RECIPE init=CKPT [key=value ...]`.
 
-Frozen encoder, its cls token (or average pool) -> BatchNorm1d(affine=False, eps=1e-6) -> Linear,
-trained with LARS; top-1 on the val split. `init=random` probes a randomly initialised encoder,
-the floor a pretrained one must beat.
+Frozen encoder, its cls token (or average pool) -> BatchNorm1d(affine=False, eps=1e-6) -> Linear
+(trunc-normal std 0.01), trained with LARS on RRC + flip; top-1/top-5 on the val split.
+`init=random` probes a randomly initialised encoder, the floor a pretrained one must beat.
+
+Fast path (`cache_views=K`): the encoder runs once per view instead of once per epoch. View k holds
+exactly the batches (order, crops, flips) of the live probe's epoch k, so with K = epochs the cached
+probe replays the live one; with fewer views epoch e reuses view e mod K, reshuffled.
+`lr_scales=[...]` trains one head per scale on the same features (BN is parameter-free, so shared).
 """
 from __future__ import annotations
 
-import json
-import os
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl import cli, dist, engine, optim, progressive
-from fastssl.config import ConfigError, LinProbeConfig, to_dict
+from fastssl import cli, dist, engine, evaluation, optim, progressive, weights
+from fastssl.config import LinProbeConfig, to_dict
 from fastssl.data import make_eval_loader, make_pretrain_loader, num_classes
 from fastssl.logger import RunLogger
-from fastssl.models import build_vit_encoder, encoder_state_dict, load_encoder
+
+
+class ProbeHead(nn.Module):
+    """BatchNorm1d(affine=False) then one Linear per head; output (heads, B, classes)."""
+
+    def __init__(self, dim: int, n_classes: int, n_heads: int = 1):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.ModuleList(nn.Linear(dim, n_classes) for _ in range(n_heads))
+        for fc in self.fc:
+            nn.init.trunc_normal_(fc.weight, std=0.01)
+            nn.init.zeros_(fc.bias)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        z = self.norm(feats.float())
+        return torch.stack([fc(z) for fc in self.fc])
 
 
 class LinearProbe(nn.Module):
-    def __init__(self, encoder: nn.Module, n_classes: int):
+    def __init__(self, encoder: nn.Module, head: ProbeHead):
         super().__init__()
         self.encoder = encoder.requires_grad_(False)
-        dim = encoder.num_features
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, n_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
-        nn.init.zeros_(self.head[1].bias)
+        self.head = head
 
     def train(self, mode: bool = True) -> "LinearProbe":
         super().train(mode)
@@ -37,46 +53,71 @@ class LinearProbe(nn.Module):
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             feats = self.encoder(imgs)
-        return self.head(feats.float())
+        return self.head(feats)
 
 
-def build_encoder(cfg: LinProbeConfig) -> nn.Module:
-    """A timm ViT holding the pretrained encoder (size and patch from the checkpoint's own config)."""
-    size, patch = cfg.model.size, cfg.model.patch_size
-    state = None
-    if cfg.init != "random":
-        cli.require_file("init", cfg.init)
-        try:
-            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ConfigError(f"init={cfg.init!r}: cannot be read safely ({type(e).__name__})") from None
-        model_cfg = state.get("config", {}).get("model", {})
-        size, patch = model_cfg.get("size", size), model_cfg.get("patch_size", patch)
-    torch.manual_seed(cfg.seed)
-    encoder = build_vit_encoder(size, num_classes=0, global_pool=cfg.global_pool, img_size=cfg.data.res,
-                                patch_size=patch)
-    if state is not None:
-        load_encoder(encoder, encoder_state_dict(state.get("model", state)))
-    return encoder
+class FeatureLoader:
+    """An `engine.EpochLoader` over cached features: epoch e yields view e mod K, in the order it was
+    encoded for e < K (the live loader's order), else in a permutation seeded by (seed, e)."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, seed: int = 0,
+                 drop_last: bool = True):
+        self.feats, self.labels = feats, labels  # (K, N, D), (K, N)
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.epoch = self.start_batch = 0
+
+    def __len__(self) -> int:
+        n = self.feats.shape[1]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_resolution(self, res: int) -> None:
+        pass  # features have no resolution
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.start_batch
+        self.epoch, self.start_batch = epoch + 1, 0
+        view = epoch % len(self.feats)
+        n = self.feats.shape[1]
+        if epoch < len(self.feats):
+            order = torch.arange(n, device=self.feats.device)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).to(self.feats.device)
+        for b in range(start, len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield self.feats[view, idx], self.labels[view, idx]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, info: dist.DistInfo, precision: str) -> dict:
-    model.eval()
-    correct1 = correct5 = total = torch.zeros((), device=info.device)
-    for imgs, labels in loader:
-        with engine.autocast(precision, info.device):
-            logits = model(imgs)
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        hit = top5 == labels[:, None]
-        correct1 = correct1 + hit[:, 0].sum()
-        correct5 = correct5 + hit.any(dim=1).sum()
-        total = total + labels.numel()
-    counts = torch.stack([correct1, correct5, total]).float()
-    if info.distributed:
-        torch.distributed.all_reduce(counts)
-    c1, c5, n = counts.tolist()
-    return {"val/top1": 100 * c1 / n, "val/top5": 100 * c5 / n, "val/n": int(n)}
+def extract_features(encoder: nn.Module, loader, views: int, info: dist.DistInfo, precision: str,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, N, D) features and (K, N) labels of epochs 0..K-1 of `loader`, on the loader's device."""
+    encoder.eval()
+    feats, labels = [], []
+    for view in range(views):
+        t0 = time.perf_counter()
+        loader.set_epoch(view)
+        fs, ys = [], []
+        for imgs, y in loader:
+            with engine.autocast(precision, info.device):
+                fs.append(encoder(imgs).to(dtype))
+            ys.append(y)
+        feats.append(torch.cat(fs))
+        labels.append(torch.cat(ys))
+        if info.is_main:
+            print(f"cached view {view + 1}/{views}: {len(feats[-1])} features in {time.perf_counter() - t0:.1f}s")
+    return torch.stack(feats), torch.stack(labels)
+
+
+def build_encoder(cfg: LinProbeConfig) -> nn.Module:
+    """A timm ViT (num_classes=0) holding the checkpoint's encoder, at the checkpoint's own size."""
+    torch.manual_seed(cfg.seed)
+    return weights.build_vit(cfg.init, size=cfg.model.size, patch_size=cfg.model.patch_size,
+                             unsafe=cfg.init_unsafe, num_classes=0, global_pool=cfg.global_pool,
+                             img_size=cfg.data.res)
 
 
 def run(cfg: LinProbeConfig) -> dict:
@@ -84,8 +125,10 @@ def run(cfg: LinProbeConfig) -> dict:
     cfg.validate_world(info.world_size)
     cli.require_file("data.train", cfg.data.train)
     cli.require_file("data.val", cfg.data.val)
-    model = LinearProbe(build_encoder(cfg), num_classes(cfg.data.train)).to(info.device)
-    optimizer = optim.LARS(model.head.parameters(), lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
+    encoder = build_encoder(cfg).to(info.device)
+    head = ProbeHead(encoder.num_features, num_classes(cfg.data.train), len(cfg.lr_scales)).to(info.device)
+    groups = [{"params": fc.parameters(), "lr_scale": s} for fc, s in zip(head.fc, cfg.lr_scales)]
+    optimizer = optim.LARS(groups, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
     per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
     train = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
@@ -95,22 +138,35 @@ def run(cfg: LinProbeConfig) -> dict:
                            num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)
     run_dir = engine.prepare_run_dir(cfg, info)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
+    if cfg.cache_views:
+        dtype = getattr(torch, cfg.cache_dtype)
+        model = head
+        train = FeatureLoader(*extract_features(encoder, train, cfg.cache_views, info, cfg.precision, dtype),
+                              batch_size=per_process_batch, seed=cfg.seed)
+        val = FeatureLoader(*extract_features(encoder, val, 1, info, cfg.precision, dtype),
+                            batch_size=per_process_batch, drop_last=False)
+    else:
+        model = LinearProbe(encoder, head)
 
-    def loss_fn(m, imgs, labels, stage) -> torch.Tensor:
-        return F.cross_entropy(m(imgs), labels)
+    def loss_fn(m, x, labels, stage) -> torch.Tensor:
+        logits = m(x)  # (heads, B, C): the sum keeps each head's gradient its own
+        return sum(F.cross_entropy(h, labels) for h in logits.float())
 
     try:
         engine.fit(cfg, info, model, optimizer, train, loss_fn, progressive.constant(cfg.data.res), logger)
-        result = evaluate(model, val, info, cfg.precision)
-        logger.log(result, step=0)
+        per_head = evaluation.evaluate_heads(model, val, info, cfg.precision)
+        sweep = [{"lr": cfg.lr() * s, **m} for s, m in zip(cfg.lr_scales, per_head)]
+        best = max(sweep, key=lambda r: r["val/top1"])
+        result = {**best, "sweep": sweep} if len(sweep) > 1 else best
+        logger.log(best, step=0)
     finally:
         logger.close()
     if info.is_main:
-        out = run_dir / "results.json"
-        tmp = out.with_name(f".results.json.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"init": cfg.init, **result}, indent=2))
-        tmp.replace(out)
-        print(f"linear probe ({cfg.init}): top-1 {result['val/top1']:.2f}%  top-5 {result['val/top5']:.2f}%")
+        evaluation.write_results(run_dir, {"init": cfg.init, **result})
+        for r in sweep if len(sweep) > 1 else []:
+            print(f"  lr {r['lr']:<10.4g} top-1 {r['val/top1']:6.2f}%  top-5 {r['val/top5']:6.2f}%")
+        print(f"linear probe ({cfg.init}): top-1 {best['val/top1']:.2f}%  top-5 {best['val/top5']:.2f}%"
+              + (f"  (best of {len(sweep)} heads, lr {best['lr']:.4g}, chosen on val)" if len(sweep) > 1 else ""))
     return result
 
 

@@ -10,27 +10,56 @@ from torch import nn
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
 
 
+def _decays(name: str, p: nn.Parameter) -> bool:
+    return p.ndim > 1 and name.split(".")[-1] not in NO_DECAY_NAMES
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two groups: decayed matrices, and biases / norm weights / tokens with no decay."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        if p.requires_grad:
+            (decay if _decays(name, p) else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
+def vit_layer_id(name: str, depth: int) -> int:
+    """MAE/BEiT layer index: embeddings 0, block i -> i + 1, everything after the blocks depth + 1."""
+    if name in ("cls_token", "pos_embed", "reg_token") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Layer-wise lr decay (MAE fine-tuning): layer l trains at layer_decay ** (depth + 1 - l) x lr,
+    so the head gets the full lr and the patch embedding the smallest; `lr_scale` is read by `set_lr`.
+    Weight decay as in `param_groups`."""
+    depth = len(model.blocks)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer, decays = vit_layer_id(name, depth), _decays(name, p)
+        group = groups.setdefault((layer, decays), {
+            "params": [], "weight_decay": weight_decay if decays else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer),
+        })
+        group["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-          device: torch.device) -> torch.optim.AdamW:
+          device: torch.device, layer_decay: float | None = None) -> torch.optim.AdamW:
+    groups = (param_groups(model, weight_decay) if layer_decay is None
+              else layer_decay_groups(model, weight_decay, layer_decay))
     # The fused kernel is one launch for all parameters on CUDA; on CPU the foreach path is fastest.
     fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
 class LARS(torch.optim.Optimizer):

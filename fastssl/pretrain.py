@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from fastssl import cli, dist, engine, optim, progressive
-from fastssl.config import ConfigError, PretrainConfig, to_dict
+from fastssl import cli, dist, engine, knn, optim, progressive, weights
+from fastssl.config import PretrainConfig, to_dict
 from fastssl.data import make_eval_loader, make_pretrain_loader
 from fastssl.logger import RunLogger
 from fastssl.models import build_mae
@@ -20,16 +20,15 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     cli.require_file("data.train", cfg.data.train)
     if cfg.data.val:
         cli.require_file("data.val", cfg.data.val)
-    if cfg.init:
-        cli.require_file("init", cfg.init)
+    init_state = weights.read(cfg.init, "init", cfg.init_unsafe) if cfg.init else None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # The stored position tables keep the 224 px grid of MAE's checkpoints; forward regenerates them
     # for whatever resolution the stage uses.
     model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size,
                       norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path).to(info.device)
-    if cfg.init:
-        _load_init(model, cfg.init)
+    if init_state is not None:
+        weights.load_mae(model, init_state, cfg.init)
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device)
     per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
     loader = make_pretrain_loader(
@@ -43,7 +42,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
         return m(imgs, mask_ratio=stage.mask_ratio)[0]
 
-    on_epoch_end = None
+    hooks = []
     if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
         # Eight val images spread over the (class-sorted) split: the same pictures every time.
         val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
@@ -51,32 +50,25 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         every = torch.cat([imgs for imgs, _ in val])
         fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
 
-        def on_epoch_end(epoch: int, m) -> dict:
+        def recon(epoch: int, m) -> dict:
             if (epoch + 1) % cfg.log.recon_every_epochs:
                 return {}
             path = run_dir / "recon" / f"epoch_{epoch + 1:04d}.png"
             save_reconstructions(m, fixed, cfg.mask_ratio, path)
             return {"recon": str(path)}
 
+        hooks.append(recon)
+    if cfg.knn.every_epochs:
+        hooks.append(knn.epoch_hook(cfg, cfg.knn, info))
+
+    def on_epoch_end(epoch: int, m) -> dict:
+        return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
+
     schedule = progressive.constant(cfg.data.res, cfg.mask_ratio)
     try:
         return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end)
     finally:
         logger.close()
-
-
-def _load_init(model: torch.nn.Module, path: str) -> None:
-    """Weights from our checkpoints or facebookresearch/mae's (`{'model': state_dict}`)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"init={path!r}: cannot be read safely ({type(e).__name__}); "
-                          f"pass a checkpoint that holds only tensors") from None
-    sd = state.get("model", state)
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise ConfigError(f"init={path!r}: keys do not match the model "
-                          f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(unexpected[:5]) or '-'})")
 
 
 def main(argv: list[str] | None = None) -> None:

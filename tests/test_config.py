@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fastssl.config import ConfigError, LinProbeConfig, PretrainConfig, load_config
+from fastssl.config import ConfigError, FinetuneConfig, KNNRunConfig, LinProbeConfig, PretrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -28,8 +28,9 @@ def test_base_recipe_is_inherited():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads(recipe):
-    cls = LinProbeConfig if "linprobe" in recipe.name else PretrainConfig
-    overrides = ["init=random"] if cls is LinProbeConfig else []
+    kinds = {"linprobe": LinProbeConfig, "finetune": FinetuneConfig, "knn": KNNRunConfig}
+    cls = next((c for kind, c in kinds.items() if kind in recipe.name), PretrainConfig)
+    overrides = [] if cls is PretrainConfig else ["init=random"]
     load_config(cls, recipe, overrides)
 
 

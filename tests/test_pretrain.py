@@ -112,7 +112,7 @@ def test_linear_probe_trains_head_only(pretrained, demo_betons, tmp_path):
     encoder = {k.removeprefix("encoder."): v for k, v in probe.items() if k.startswith("encoder.")}
     pre = final_weights(run_dir)
     assert encoder and all(torch.equal(v, pre[k]) for k, v in encoder.items() if k != "pos_embed")
-    assert probe["head.1.weight"].shape == (10, 64)
+    assert probe["head.fc.0.weight"].shape == (10, 64)
     assert json.loads((tmp_path / "probe" / "results.json").read_text())["val/top1"] == result["val/top1"]
 
 

@@ -1,0 +1,56 @@
+"""Top-1 / top-5 on a labelled loader, summed over processes, and the results file of an evaluation."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastssl import dist, engine
+
+
+def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(..., B, C) scores, (B,) labels -> (..., 3): top-1 hits, top-5 hits, count."""
+    top5 = scores.topk(min(5, scores.shape[-1]), dim=-1).indices
+    hit = top5 == labels[:, None]
+    n = torch.full(hit.shape[:-2], labels.numel(), device=scores.device)
+    return torch.stack([hit[..., 0].sum(-1), hit.any(-1).sum(-1), n], dim=-1).float()
+
+
+def to_metrics(counts: torch.Tensor, info: dist.DistInfo, prefix: str) -> list[dict]:
+    """Summed (..., 3) counts of every process -> one metrics dict per leading index."""
+    if info.distributed:
+        torch.distributed.all_reduce(counts)
+    return [{f"{prefix}/top1": 100 * c1 / n, f"{prefix}/top5": 100 * c5 / n, f"{prefix}/n": int(n)}
+            for c1, c5, n in counts.reshape(-1, 3).tolist()]
+
+
+@torch.no_grad()
+def evaluate_heads(model: nn.Module, loader, info: dist.DistInfo, precision: str,
+                   prefix: str = "val") -> list[dict]:
+    """Metrics per head of a model whose output is (B, C) logits, or (H, B, C) for H heads."""
+    was_training = model.training
+    model.eval()
+    counts = None
+    for x, labels in loader:
+        with engine.autocast(precision, info.device):
+            logits = model(x)
+        hits = topk_hits(logits.float(), labels)
+        counts = hits if counts is None else counts + hits
+    model.train(was_training)
+    return to_metrics(counts, info, prefix)
+
+
+def evaluate(model: nn.Module, loader, info: dist.DistInfo, precision: str, prefix: str = "val") -> dict:
+    return evaluate_heads(model, loader, info, precision, prefix)[0]
+
+
+def write_results(run_dir: str | Path, results: dict) -> Path:
+    """`run_dir/results.json`, written whole or not at all."""
+    out = Path(run_dir) / "results.json"
+    tmp = out.with_name(f".results.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    return out

@@ -1,0 +1,147 @@
+"""Reading weights from elsewhere: the one place `init=` files are opened, recognised and loaded.
+
+Accepted: our pretrain / fine-tune / linear-probe checkpoints, facebookresearch/mae files
+(`{'model': state_dict, ...}` with MAE keys; decoder keys are dropped for a ViT), and plain timm ViT
+state dicts (`.pth`/`.pt` or `.safetensors`). Wrappers are peeled off (`model`, `state_dict`,
+`module.` from DDP, `_orig_mod.` from torch.compile, `encoder.` from a linear probe).
+
+Loading is safe by default: `torch.load(weights_only=True)`, which runs no pickled code. The only
+extra type on the allow-list is `argparse.Namespace` (MAE's training scripts store their `args`
+in every checkpoint); anything else needing arbitrary unpickling is refused unless the user opts in
+with `init_unsafe=true` (or `--unsafe`), and the message says so.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastssl.config import ConfigError
+from fastssl.models import SIZES, build_vit_encoder, encoder_state_dict, load_encoder
+
+# Types a weights-only load may rebuild besides tensors and containers: plain data, no code.
+SAFE_GLOBALS = (argparse.Namespace,)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_UNSUPPORTED = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
+def read(path: str, key: str = "init", unsafe: bool = False, opt_in: str = "") -> dict:
+    """The file's contents; a ConfigError naming `key` when it is missing, unreadable or unsafe.
+    `opt_in` names the user's switch for `unsafe` (default `<key>_unsafe=true`)."""
+    opt_in = opt_in or f"{key}_unsafe=true"
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}={path!r}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception as e:
+            raise ConfigError(f"{key}={path!r}: not a readable safetensors file ({e})") from None
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _UNSUPPORTED.search(str(e))
+        what = found.group(1) if found else "objects outside the weights-only allow-list"
+        if not unsafe:
+            raise ConfigError(
+                f"{key}={path!r}: holds {what}, which only arbitrary unpickling can rebuild (it can run "
+                f"code); if you trust the file, add {opt_in}") from None
+        print(f"{key}: loading {path} with full unpickling ({what}) because of {opt_in}",
+              file=sys.stderr)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"{key}={path!r}: not a readable checkpoint ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{key}={path!r}: holds a {type(state).__name__}, not a checkpoint or state dict")
+    return state
+
+
+def model_state(state: dict) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint, wrappers removed (see the module docstring)."""
+    for k in ("model", "state_dict"):
+        if isinstance(state.get(k), dict):
+            state = state[k]
+            break
+    sd = {}
+    for k, v in state.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        for prefix in _WRAPPER_PREFIXES:
+            k = k.removeprefix(prefix)
+        sd[k] = v
+    if any(k.startswith("encoder.") for k in sd):  # a linear probe: the frozen encoder + its head
+        sd = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    return sd
+
+
+def vit_arch(state: dict, path: str = "", key: str = "init") -> tuple[str, int]:
+    """(size name, patch size) of the ViT in a checkpoint, from its shapes (a recipe's `model.size`
+    may not be what a probe actually loaded; the tensors are)."""
+    sd = model_state(state)
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is None:
+        raise ConfigError(f"{key}={path!r}: no ViT encoder in it (no patch_embed.proj.weight)")
+    dim, patch = proj.shape[0], proj.shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    for name, s in SIZES.items():
+        if (s.embed_dim, s.depth) == (dim, depth):
+            return name, patch
+    known = ", ".join(f"{n} ({s.embed_dim}x{s.depth})" for n, s in SIZES.items())
+    raise ConfigError(f"{key}={path!r}: a ViT of width {dim} and depth {depth} matches no size ({known})")
+
+
+def load_vit(vit: nn.Module, state: dict, path: str = "", key: str = "init") -> None:
+    """Encoder weights into a timm ViT (position table resampled to its grid; see `load_encoder`)."""
+    try:
+        load_encoder(vit, model_state(state))
+    except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape mismatches
+        raise ConfigError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
+
+
+def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, key: str = "init",
+              state: dict | None = None, **vit_kwargs) -> nn.Module:
+    """A timm ViT of the checkpoint's own size holding its encoder (`init='random'`: fresh weights of
+    `size`; `state`: the file's contents when already read). `vit_kwargs` go to `build_vit_encoder`
+    (num_classes, global_pool, drop_path, img_size)."""
+    if init != "random":
+        state = state if state is not None else read(init, key, unsafe)
+        found = vit_arch(state, init, key)
+        if found != (size, patch_size):
+            print(f"{key}: {init} holds a ViT-{found[0]}/{found[1]}; using it (the recipe says "
+                  f"{size}/{patch_size})", file=sys.stderr)
+        size, patch_size = found
+    vit = build_vit_encoder(size, patch_size=patch_size, **vit_kwargs)
+    if state is not None:
+        load_vit(vit, state, init, key)
+    return vit
+
+
+def load_mae(mae: nn.Module, state: dict, path: str = "", key: str = "init") -> None:
+    """MAE weights (ours or facebookresearch/mae's), or encoder-only weights with a fresh decoder.
+
+    The stored position tables are skipped: the MAE regenerates its sin-cos tables for every grid.
+    """
+    sd = {k: v for k, v in model_state(state).items() if k not in ("pos_embed", "decoder_pos_embed")}
+    has_decoder = any(k.startswith("decoder_") for k in sd)
+    sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
+    try:
+        missing, unexpected = mae.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # shape mismatches: another size or patch
+        raise ConfigError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
+    missing = [k for k in missing if k not in ("pos_embed", "decoder_pos_embed")]
+    if not has_decoder:
+        fresh = [k for k in missing if k not in encoder_state_dict(dict.fromkeys(missing))]
+        missing = [k for k in missing if k not in fresh]
+        if fresh and not missing:
+            print(f"{key}: {path} holds an encoder only; the decoder starts fresh", file=sys.stderr)
+    if missing or unexpected:
+        raise ConfigError(f"{key}={path!r}: keys do not match the MAE (missing: {', '.join(missing) or 'none'}; "
+                          f"unexpected: {', '.join(unexpected) or 'none'})")
