@@ -22,16 +22,16 @@ imported (through ``fastssl.models``), so this runs on a GPU machine without ffc
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from fastssl.models import build_mae, get_size, len_keep
 
-from .common import fmt_rate, print_table, write_results
+from .common import fmt_rate, measure_interleaved, print_table, write_results
 
 NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense, SXM
 MASK_RATIO = 0.75
@@ -134,16 +134,9 @@ def bench_size(size: str, res: int, batch: int, steps: int, runs: int, variants:
         s.run(2)  # warm-up; for compiled variants this is the compilation (forward and backward graphs)
         out[v.name] = {"warmup_s": time.perf_counter() - t}
         steppers[v.name] = s
-    rates = {k: [] for k in steppers}
-    for _ in range(runs):  # interleaved, so machine noise hits every variant alike
-        for k, s in steppers.items():
-            _sync(device)
-            t = time.perf_counter()
-            n = s.run(steps)
-            rates[k].append(n / (time.perf_counter() - t))
-    for k, r in rates.items():
-        out[k].update(median=statistics.median(r), min=min(r), max=max(r), runs=runs)
-    return out
+    # each run ends with a device sync, so the next one starts with an idle GPU
+    stats = measure_interleaved({k: partial(s.run, steps) for k, s in steppers.items()}, runs)
+    return {k: {**out[k], **m} for k, m in stats.items()}
 
 
 def _nominal_peak(device: torch.device) -> float | None:
