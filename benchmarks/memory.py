@@ -31,11 +31,12 @@ def _sample() -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="256 photos at 160 px")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, help="default 6; 3 with --quick")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--res", type=int, help="crop size (default 224; 160 with --quick)")
     a = p.parse_args(argv)
+    a.epochs = a.epochs or (3 if a.quick else 6)
     if a.epochs < 3:
         raise SystemExit(f"error: --epochs {a.epochs}: must be >= 3 (epoch 0 warms up; then a drift)")
     from fastssl.data import make_pretrain_loader
