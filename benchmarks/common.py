@@ -33,6 +33,16 @@ def measure(run: Callable[[], int], runs: int) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": runs}
 
 
+def measure_interleaved(jobs: dict[str, Callable[[], int]], runs: int) -> dict[str, dict]:
+    """:func:`measure` for several jobs, run by run in turn, so machine noise hits them alike."""
+    rates: dict[str, list[float]] = {k: [] for k in jobs}
+    for _ in range(runs):
+        for k, run in jobs.items():
+            rates[k].append(measure(run, 1)["median"])
+    return {k: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": runs}
+            for k, r in rates.items()}
+
+
 def fmt_rate(m: dict) -> str:
     spread = (m["max"] - m["min"]) / m["median"] * 100 if m["median"] else 0.0
     return f"{m['median']:.0f} ±{spread / 2:.0f}%"

@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import math
 import random
+from functools import partial
 
 import numpy as np
 import torch
 
-from .common import fmt_rate, measure, print_table, write_results
+from .common import fmt_rate, measure, measure_interleaved, print_table, write_results
 from .photos import photo_beton
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -149,13 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for ld in loaders.values():
             _epochs(ld, 1)  # warm-up: numba compilation, worker start, page cache
-        # interleave the loaders run by run, so machine noise hits them alike
-        rates = {k: [] for k in loaders}
-        for _ in range(a.runs):
-            for k, ld in loaders.items():
-                rates[k].append(measure(lambda ld=ld: _epochs(ld, epochs), 1)["median"])
-        stats = {k: {"median": float(np.median(v)), "min": min(v), "max": max(v), "runs": a.runs}
-                 for k, v in rates.items()}
+        stats = measure_interleaved({k: partial(_epochs, ld, epochs) for k, ld in loaders.items()}, a.runs)
         pil = stats["PIL"]["median"]
         results["loaders"][res] = stats
         for k, m in stats.items():

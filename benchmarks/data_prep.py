@@ -1,0 +1,88 @@
+"""Dataset conversion throughput (img/s): our converter vs a plain decode+resize+encode loop.
+
+    python -m benchmarks.data_prep [--quick] [--workers 2] [--max-res 500]
+
+Same photos (:mod:`benchmarks.photos`), same worker count, JPEG q90 output:
+- ``convert``: ``data_prep.write_ffcv.convert`` end to end (listing, the decode-check pass, ffcv's
+  writer, the rename);
+- ``plain loop``: a ``multiprocessing.Pool`` of the same size doing PIL open -> RGB -> resize to
+  ``--max-res`` (long side, only if larger; Lanczos) -> JPEG q90 encode, the parent appending the
+  bytes to one file -- the least any converter must do.
+The ratio shows what the converter's safety (the check pass: about one extra decode) and ffcv's
+writer cost over the bare work.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import tempfile
+from functools import partial
+from pathlib import Path
+
+from .common import fmt_rate, measure_interleaved, print_table, write_results
+from .photos import CACHE, make_photos
+
+
+def _reencode(path: str, max_res: int) -> bytes:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if max(im.size) > max_res:
+        f = max_res / max(im.size)
+        im = im.resize((max(1, round(im.width * f)), max(1, round(im.height * f))), Image.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def plain_loop(files: list[str], out: Path, max_res: int, workers: int) -> int:
+    with mp.Pool(workers) as pool, open(out, "wb") as f:
+        for blob in pool.imap(partial(_reencode, max_res=max_res), files, chunksize=16):
+            f.write(blob)
+    return len(files)
+
+
+def run_convert(root: Path, out: Path, max_res: int, workers: int) -> int:
+    from data_prep.write_ffcv import convert
+
+    return convert(root, out, write_mode="jpg", max_res=max_res, jpeg_quality=90, workers=workers,
+                   force=True, progress=False, log=lambda *a, **k: None).images
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.data_prep", description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="256 photos, --max-res 500 only")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--images", type=int, help="photos (default 512; 256 with --quick)")
+    p.add_argument("--runs", type=int, default=3)
+    a = p.parse_args(argv)
+    if a.workers < 1:
+        raise SystemExit(f"error: --workers {a.workers}: must be >= 1")
+    images = a.images or (256 if a.quick else 512)
+    root = make_photos(CACHE / f"photos{images}", images)
+    files = sorted(str(f) for f in root.glob("*/*.jpg"))
+    # 500: ImageNet's usual --max-res (photos are 400-500 px, so no resize); 256: every image resized
+    settings = (500,) if a.quick else (500, 256)
+    results = {"workers": a.workers, "images": images, "max_res": {}}
+    rows = []
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        tmp = Path(tmp)
+        for max_res in settings:
+            jobs = {"convert": lambda: run_convert(root, tmp / "out.beton", max_res, a.workers),
+                    "plain loop": lambda: plain_loop(files, tmp / "out.bin", max_res, a.workers)}
+            stats = measure_interleaved(jobs, a.runs)
+            results["max_res"][max_res] = stats
+            base = stats["plain loop"]["median"]
+            rows += [[max_res, k, fmt_rate(m), f"{m['median'] / base:.2f}x"] for k, m in stats.items()]
+    table = print_table(f"Conversion img/s ({a.workers} workers, {images} photos, JPEG q90)",
+                        ["max res", "writer", "img/s (median ± half-spread)", "vs plain loop"], rows)
+    results["table"] = table
+    write_results("data_prep", results,
+                  {f"{r} {k}": m["median"] for r, s in results["max_res"].items() for k, m in s.items()})
+    return results
+
+
+if __name__ == "__main__":
+    main()
