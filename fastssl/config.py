@@ -45,6 +45,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None  # max global grad norm
+    # cosine: MAE's warmup + half-cosine; wsd: warmup, stable at lr, linear decay over the last
+    # `decay_frac` of training (a single late growth lands in the stable phase)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_frac: float = 0.2
 
 
 @dataclass
@@ -99,6 +103,7 @@ class RunConfig:
         _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, "must be >= 0")
         _check(self.optim.warmup_epochs >= 0, "optim.warmup_epochs", self.optim.warmup_epochs, "must be >= 0")
         _check(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", list(self.optim.betas), "each must be in [0, 1)")
+        _check(0.0 < self.optim.decay_frac <= 1.0, "optim.decay_frac", self.optim.decay_frac, "must be in (0, 1]")
         _check(
             self.optim.clip_grad is None or self.optim.clip_grad > 0,
             "optim.clip_grad", self.optim.clip_grad, "must be > 0 or null",
@@ -122,14 +127,62 @@ class RunConfig:
 
 
 @dataclass
+class RampConfig:
+    """ffcv-imagenet's resolution ramp: min_res until start_ramp, linear to max_res at end_ramp."""
+
+    min_res: int = 160
+    max_res: int = 224
+    start_ramp: int = 0
+    end_ramp: int = 0
+    step: int = 32  # resolutions are rounded to a multiple of this
+
+
+@dataclass
+class StageConfig:
+    """One explicit stage, from `epoch` until the next stage's; a null field keeps the previous
+    stage's value (the first stage's null fields take data.res, mask_ratio, the full depth and
+    model.drop_path)."""
+
+    epoch: int = 0
+    res: Optional[int] = None
+    depth: Optional[int] = None  # executed encoder blocks
+    mask_ratio: Optional[float] = None
+    drop_path: Optional[float] = None
+
+
+@dataclass
+class GrowthConfig:
+    op: Literal["stack", "interleave", "zero", "gated", "mogrow"] = "zero"
+    optimizer: Literal["reset", "carry", "copy"] = "carry"  # what new/old params' AdamW state becomes
+    rewarmup_steps: int = 0  # linear LR re-warmup after each growth; the global schedule continues
+    gate_steps: int = 5000  # `gated`: new blocks' gate m ramps 0 -> 1 over this many steps (MSG)
+    ema_decay: float = 0.9996  # `mogrow`: EMA of the encoder blocks that grown blocks copy (AutoProg)
+
+
+@dataclass
+class ProgressiveConfig:
+    """Empty (no ramp, no stages): a fixed-size run."""
+
+    ramp: Optional[RampConfig] = None
+    stages: list[StageConfig] = field(default_factory=list)
+    # mask ratio per resolution such that the visible tokens per image stay those of the final stage
+    couple_mask: bool = False
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     mask_ratio: float = 0.75
     init: str = ""  # start from these weights (a fresh run only; resume always wins)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
 
     def validate(self) -> None:
         super().validate()
         _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
         _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
+        from fastssl.progressive import from_config  # it imports this module
+
+        from_config(self)  # every schedule mistake, before anything runs
 
 
 @dataclass

@@ -30,7 +30,11 @@ def run(cfg: PretrainConfig) -> engine.Progress:
                       norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path).to(info.device)
     if cfg.init:
         _load_init(model, cfg.init)
+    # Every block is in the optimizer (state-dict shapes never change); DepthGrowth freezes those
+    # the first stage does not run.
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device)
+    schedule = progressive.from_config(cfg)
+    stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
     loader = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
@@ -58,9 +62,8 @@ def run(cfg: PretrainConfig) -> engine.Progress:
             save_reconstructions(m, fixed, cfg.mask_ratio, path)
             return {"recon": str(path)}
 
-    schedule = progressive.constant(cfg.data.res, cfg.mask_ratio)
     try:
-        return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end)
+        return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end, stages)
     finally:
         logger.close()
 
