@@ -117,7 +117,8 @@ def fit(
         if info.is_main:
             print(f"resumed from {resumed['path']} (epoch {progress.epoch}, step {progress.step})")
 
-    ddp = step_model = None
+    ddp = step_model = None  # built at the first stage, rebuilt after each structural change
+
     def save() -> None:
         if info.is_main:
             checkpoint.save(

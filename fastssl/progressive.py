@@ -180,6 +180,7 @@ class DepthGrowth:
         self.gate_start: dict[int, int] = {}  # block -> step its gate began to ramp
         self.grown_at = -1  # optimizer step of the last growth
         self.drop_path: float | None = None
+        self.stage: Stage | None = None
         depth = len(model.blocks) if start_depth is None else start_depth
         growth.apply_plan(model, list(range(depth)))
         self.ema = growth.BlockEMA(model) if cfg.op == "mogrow" else None
@@ -187,7 +188,7 @@ class DepthGrowth:
     def enter(self, stage: Stage, step: int) -> bool:
         """Apply `stage` at optimizer step `step`; True when the module structure changed (the
         engine then rebuilds DDP and recompiles)."""
-        changed = False
+        self.stage, changed = stage, False
         depth = len(self.model.blocks) if stage.depth is None else stage.depth
         have = len(self.model.layer_plan)
         if depth < have:
@@ -200,7 +201,7 @@ class DepthGrowth:
                 self.gate_start.update({m.block: step for m in moves if m.source is None})
             self.grown_at = step
             changed = True
-        if stage.drop_path is not None and stage.drop_path != self.drop_path:
+        if stage.drop_path is not None and (changed or stage.drop_path != self.drop_path):  # new blocks too
             growth.set_drop_path(self.model, stage.drop_path)
             self.drop_path = stage.drop_path
             changed = True
@@ -224,7 +225,8 @@ class DepthGrowth:
         return min(1.0, (step - self.grown_at + 1) / self.cfg.rewarmup_steps)
 
     def state_dict(self) -> dict:
-        return {"layer_plan": list(self.model.layer_plan), "gate_start": dict(self.gate_start),
+        return {"stage": vars(self.stage).copy() if self.stage else None,  # for people: resume recomputes it
+                "layer_plan": list(self.model.layer_plan), "gate_start": dict(self.gate_start),
                 "grown_at": self.grown_at, "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
