@@ -171,15 +171,26 @@ class ProgressiveConfig:
 
 
 @dataclass
+class ScaleNetConfig:
+    """Training a ScaleNet-expanded `init` (python -m fastssl.expand)."""
+
+    freeze_shared: bool = False  # train only the adapters
+    adapter_lr_scale: float = 1.0  # adapters' LR = this x the schedule's
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     mask_ratio: float = 0.75
     init: str = ""  # start from these weights (a fresh run only; resume always wins)
     progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    scalenet: ScaleNetConfig = field(default_factory=ScaleNetConfig)
 
     def validate(self) -> None:
         super().validate()
         _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
         _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
+        _check(self.scalenet.adapter_lr_scale > 0, "scalenet.adapter_lr_scale", self.scalenet.adapter_lr_scale,
+               "must be > 0")
         from fastssl.progressive import from_config  # it imports this module
 
         from_config(self)  # every schedule mistake, before anything runs

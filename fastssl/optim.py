@@ -8,32 +8,35 @@ import torch
 from torch import nn
 
 from fastssl.config import OptimConfig
+from fastssl.models import scalenet
 
 # Tokens and position tables are not weights in the decay sense (MAE and timm exclude them too).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices, and biases / norm weights / tokens with no decay."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, adapter_lr_scale: float = 1.0) -> list[dict]:
+    """Decayed matrices, and biases / norm weights / tokens / scales with no decay; ScaleNet adapters
+    (if any) in two more groups of the same split, at `adapter_lr_scale` times the LR."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(False, True): [], (False, False): []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES:
-            no_decay.append(p)
-        else:
-            decay.append(p)
+        decay = not (p.ndim <= 1 or name.split(".")[-1] in NO_DECAY_NAMES)
+        groups.setdefault((scalenet.is_adapter(name), decay), []).append(p)
+    order = [(False, True), (False, False), (True, True), (True, False)]  # stable across runs: resume
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[adapter, decay], "weight_decay": weight_decay if decay else 0.0,
+         **({"lr_scale": adapter_lr_scale} if adapter else {})}
+        for adapter, decay in order if (adapter, decay) in groups
     ]
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-          device: torch.device) -> torch.optim.AdamW:
+          device: torch.device, adapter_lr_scale: float = 1.0) -> torch.optim.AdamW:
     # The fused kernel is one launch for all parameters on CUDA; on CPU the foreach path is fastest.
     fused = device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused)
+    return torch.optim.AdamW(param_groups(model, weight_decay, adapter_lr_scale), lr=lr, betas=betas,
+                             fused=fused)
 
 
 class LARS(torch.optim.Optimizer):

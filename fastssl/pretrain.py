@@ -10,7 +10,7 @@ from fastssl import cli, dist, engine, optim, progressive
 from fastssl.config import ConfigError, PretrainConfig, to_dict
 from fastssl.data import make_eval_loader, make_pretrain_loader
 from fastssl.logger import RunLogger
-from fastssl.models import build_mae
+from fastssl.models import build_mae, scalenet
 from fastssl.visualize import save_reconstructions
 
 
@@ -32,8 +32,12 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         _load_init(model, cfg.init)
     # Every block is in the optimizer (state-dict shapes never change); DepthGrowth freezes those
     # the first stage does not run.
-    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device)
-    schedule = progressive.from_config(cfg)
+    schedule = progressive.from_config(cfg, depth=len(model.blocks))
+    _check_scalenet(cfg, model, schedule)
+    if cfg.scalenet.freeze_shared:
+        scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
+    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
+                            cfg.scalenet.adapter_lr_scale)
     stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
     loader = make_pretrain_loader(
@@ -76,10 +80,25 @@ def _load_init(model: torch.nn.Module, path: str) -> None:
         raise ConfigError(f"init={path!r}: cannot be read safely ({type(e).__name__}); "
                           f"pass a checkpoint that holds only tensors") from None
     sd = state.get("model", state)
+    try:
+        scalenet.restore(model, sd)  # an expanded checkpoint (python -m fastssl.expand): its structure
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"init={path!r}: bad ScaleNet spec ({e})") from None
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise ConfigError(f"init={path!r}: keys do not match the model "
                           f"(missing: {', '.join(missing[:5]) or '-'}; unexpected: {', '.join(unexpected[:5]) or '-'})")
+
+
+def _check_scalenet(cfg: PretrainConfig, model: torch.nn.Module, schedule: progressive.Piecewise) -> None:
+    if cfg.scalenet.freeze_shared and not scalenet.is_expanded(model):
+        raise ConfigError("scalenet.freeze_shared=true: init must be a ScaleNet-expanded checkpoint "
+                          "(python -m fastssl.expand)")
+    depths = {stage.depth for _, _, stage in schedule.segments(cfg.epochs)}
+    if scalenet.is_expanded(model) and depths != {len(model.blocks)}:
+        # growth copies block weights in place, which would overwrite every position sharing them
+        raise ConfigError(f"progressive depth stages {sorted(depths)}: a ScaleNet-expanded init runs all "
+                          f"{len(model.blocks)} positions; drop the depth stages")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastssl.models import build_mae, build_vit_encoder, load_encoder
-from fastssl.models import scalenet
+from fastssl.models import growth, scalenet
 
 
 def _mae() -> torch.nn.Module:
@@ -114,6 +114,7 @@ def test_checkpoint_stores_shared_tensors_once_and_reloads_with_sharing():
 def test_freeze_shared_leaves_only_adapters_trainable():
     mae = _mae()
     scalenet.expand(mae, 8, "cyclic", rank=4, where="both")
-    scalenet.set_shared_trainable(mae, False)
+    scalenet.freeze_shared(mae)
+    growth.apply_plan(mae, list(range(8)))  # as DepthGrowth does, also on resume
     blocks = [n for n, p in mae.named_parameters() if n.startswith("blocks.") and p.requires_grad]
     assert blocks and all(".adapter." in n for n in blocks)

@@ -42,11 +42,14 @@ def sources(op: str, old: int, new: int) -> list[int | None]:
 
 
 def apply_plan(model: nn.Module, plan: list[int]) -> None:
-    """Run `plan`; blocks outside it are frozen, so they get no grads, no weight decay, no DDP hooks."""
+    """Run `plan`; blocks outside it are frozen, so they get no grads, no weight decay, no DDP hooks,
+    and so are `model.frozen_params` (ScaleNet's shared weights when only adapters train)."""
     model.layer_plan = plan
     active = set(model.layer_plan)
     for i, blk in enumerate(model.blocks):
         blk.requires_grad_(i in active)
+    for p in getattr(model, "frozen_params", ()):
+        p.requires_grad_(False)
 
 
 def _zero_residual(block: nn.Module) -> None:

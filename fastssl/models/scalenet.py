@@ -80,6 +80,10 @@ def _position_block(source: nn.Module, rank: int, where: str, act: str) -> nn.Mo
     return block
 
 
+def is_adapter(param_name: str) -> bool:
+    return ".adapter." in param_name
+
+
 def is_expanded(model: nn.Module) -> bool:
     return hasattr(model, "scalenet_spec")
 
@@ -130,7 +134,7 @@ def restore(model: nn.Module, state_dict: dict) -> None:
 
 
 def _shared_names(block: nn.Module) -> list[str]:
-    return [n for n, _ in block.named_parameters() if ".adapter." not in n]
+    return [n for n, _ in block.named_parameters() if not is_adapter(n)]
 
 
 def _owners(spec: dict) -> list[int]:
@@ -163,12 +167,12 @@ def _fill_shared(module: nn.Module, state_dict: dict, prefix: str, local_metadat
                 state_dict[f"{prefix}blocks.{j}.{n}"] = state_dict[src]
 
 
-def set_shared_trainable(model: nn.Module, trainable: bool) -> None:
-    """Freeze (or unfreeze) the shared block weights; adapters always train."""
-    for block in model.blocks:
-        for n, p in block.named_parameters():
-            if ".adapter." not in n:
-                p.requires_grad_(trainable)
+def freeze_shared(model: nn.Module) -> None:
+    """Train only the adapters. Listed in `model.frozen_params` so that `growth.apply_plan` (which
+    sets what trains from the layer plan, also on resume) keeps them frozen."""
+    model.frozen_params = [p for n, p in model.blocks.named_parameters() if not is_adapter(n)]
+    for p in model.frozen_params:
+        p.requires_grad_(False)
 
 
 @torch.no_grad()
@@ -180,7 +184,7 @@ def export_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
           if k != SPEC_KEY and not k.startswith("blocks.")}
     for j, block in enumerate(model.blocks):
         for n, p in block.named_parameters():
-            if ".adapter." not in n:
+            if not is_adapter(n):
                 sd[f"blocks.{j}.{n}"] = p.detach().clone()
         for n, m in block.named_modules():
             if isinstance(m, AdaptedLinear):
@@ -195,5 +199,5 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     total = adapters = 0
     for n, p in model.named_parameters():
         total += p.numel()
-        adapters += p.numel() if ".adapter." in n else 0
+        adapters += p.numel() if is_adapter(n) else 0
     return total, adapters
