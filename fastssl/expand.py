@@ -66,6 +66,12 @@ def build_for(sd: dict) -> nn.Module:
     return model
 
 
+def plain_state_dict(sd: dict) -> dict:
+    """An expanded checkpoint's state dict materialised for a plain model of depth L2 (ValueError for
+    non-mergeable adapters)."""
+    return scalenet.export_state_dict(build_for(sd))
+
+
 def encoder_params(model: nn.Module) -> int:
     names = encoder_state_dict(dict(model.named_parameters()))
     return sum(p.numel() for p in names.values())

@@ -15,9 +15,10 @@ from torch import nn
 
 from fastssl import cli, dist, engine, optim, progressive
 from fastssl.config import ConfigError, LinProbeConfig, to_dict
+from fastssl.expand import plain_state_dict
 from fastssl.data import make_eval_loader, make_pretrain_loader, num_classes
 from fastssl.logger import RunLogger
-from fastssl.models import build_vit_encoder, encoder_state_dict, load_encoder
+from fastssl.models import build_vit_encoder, encoder_state_dict, load_encoder, scalenet
 
 
 class LinearProbe(nn.Module):
@@ -52,11 +53,19 @@ def build_encoder(cfg: LinProbeConfig) -> nn.Module:
             raise ConfigError(f"init={cfg.init!r}: cannot be read safely ({type(e).__name__})") from None
         model_cfg = state.get("config", {}).get("model", {})
         size, patch = model_cfg.get("size", size), model_cfg.get("patch_size", patch)
+    sd = None if state is None else state.get("model", state)
+    depth = None
+    if sd is not None and scalenet.SPEC_KEY in sd:  # ScaleNet-expanded: probe its plain export
+        depth = len(sd[scalenet.SPEC_KEY]["sources"])
+        try:
+            sd = plain_state_dict(sd)
+        except ValueError as e:
+            raise ConfigError(f"init={cfg.init!r}: {e}") from None
     torch.manual_seed(cfg.seed)
     encoder = build_vit_encoder(size, num_classes=0, global_pool=cfg.global_pool, img_size=cfg.data.res,
-                                patch_size=patch)
-    if state is not None:
-        load_encoder(encoder, encoder_state_dict(state.get("model", state)))
+                                patch_size=patch, depth=depth)
+    if sd is not None:
+        load_encoder(encoder, encoder_state_dict(sd))
     return encoder
 
 

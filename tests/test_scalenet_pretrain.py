@@ -4,12 +4,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint, pretrain
-from fastssl.config import ConfigError, PretrainConfig, load_config
+from fastssl import checkpoint, linprobe, pretrain
+from fastssl.config import ConfigError, LinProbeConfig, PretrainConfig, load_config
 from fastssl.expand import main as expand_main
 from fastssl.models import build_mae, scalenet
 
-from test_pretrain import PRETRAIN, small
+from test_pretrain import LINPROBE, PRETRAIN, small
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +53,13 @@ def test_depth_stages_with_an_expanded_init_are_refused(demo_betons, tmp_path, e
                                                       "progressive.stages=[{epoch: 0, depth: 3}]"))
     with pytest.raises(ConfigError, match="drop the depth stages"):
         pretrain.run(cfg)
+
+
+def test_linear_probe_of_a_continued_expanded_run(demo_betons, tmp_path, expanded):
+    run_dir = tmp_path / "run"
+    pretrain.run(load_config(PretrainConfig, PRETRAIN, small(demo_betons, run_dir, f"init={expanded}", "epochs=1")))
+    ckpt = checkpoint.list_checkpoints(run_dir)[-1]
+    cfg = load_config(LinProbeConfig, LINPROBE, small(demo_betons, tmp_path / "probe", f"init={ckpt}", "epochs=1"))
+    encoder = linprobe.build_encoder(cfg)
+    assert len(encoder.blocks) == 6  # the plain export of the 6 positions
+    assert 0 <= linprobe.run(cfg)["val/top1"] <= 100
