@@ -34,6 +34,7 @@ class ModelConfig:
     patch_size: int = 16
     norm_pix_loss: bool = True
     drop_path: float = 0.0
+    depth: Optional[int] = None  # encoder blocks, when not the size's (e.g. a deeper from-scratch baseline)
 
 
 @dataclass
@@ -92,6 +93,7 @@ class RunConfig:
         _check(self.accum_steps > 0, "accum_steps", self.accum_steps, "must be > 0")
         _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "must be >= 0")
         _check(self.model.patch_size > 0, "model.patch_size", self.model.patch_size, "must be > 0")
+        _check(self.model.depth is None or self.model.depth > 0, "model.depth", self.model.depth, "must be > 0")
         _check(
             self.data.res > 0 and self.data.res % self.model.patch_size == 0,
             "data.res", self.data.res,

@@ -50,9 +50,7 @@ def build_for(sd: dict) -> nn.Module:
     depth = len(set(spec["sources"])) if spec else len(blocks)
     img_size = round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch if "pos_embed" in sd else 224
     if any(k.startswith("decoder_") for k in sd):
-        if depth != SIZES[size].depth:
-            raise ExpandError(f"an MAE-{size} checkpoint with {depth} blocks (expected {SIZES[size].depth})")
-        model = build_mae(size, patch_size=patch, img_size=img_size)
+        model = build_mae(size, patch_size=patch, img_size=img_size, depth=depth)
     else:
         model = build_vit_encoder(size, patch_size=patch, img_size=img_size, depth=depth)
     scalenet.restore(model, sd)

@@ -43,7 +43,7 @@ class LinearProbe(nn.Module):
 
 def build_encoder(cfg: LinProbeConfig) -> nn.Module:
     """A timm ViT holding the pretrained encoder (size and patch from the checkpoint's own config)."""
-    size, patch = cfg.model.size, cfg.model.patch_size
+    size, patch, depth = cfg.model.size, cfg.model.patch_size, cfg.model.depth
     state = None
     if cfg.init != "random":
         cli.require_file("init", cfg.init)
@@ -53,8 +53,8 @@ def build_encoder(cfg: LinProbeConfig) -> nn.Module:
             raise ConfigError(f"init={cfg.init!r}: cannot be read safely ({type(e).__name__})") from None
         model_cfg = state.get("config", {}).get("model", {})
         size, patch = model_cfg.get("size", size), model_cfg.get("patch_size", patch)
+        depth = model_cfg.get("depth", depth)
     sd = None if state is None else state.get("model", state)
-    depth = None
     if sd is not None and scalenet.SPEC_KEY in sd:  # ScaleNet-expanded: probe its plain export
         depth = len(sd[scalenet.SPEC_KEY]["sources"])
         try:

@@ -27,7 +27,8 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     # The stored position tables keep the 224 px grid of MAE's checkpoints; forward regenerates them
     # for whatever resolution the stage uses.
     model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size,
-                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path).to(info.device)
+                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path,
+                      depth=cfg.model.depth).to(info.device)
     if cfg.init:
         _load_init(model, cfg.init)
     # Every block is in the optimizer (state-dict shapes never change); DepthGrowth freezes those

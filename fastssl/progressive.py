@@ -95,7 +95,7 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
     """The recipe's schedule; every mistake is a one-line ConfigError naming the key. `depth`: the
     encoder's full depth when it is not the size's (a ScaleNet-expanded `init`)."""
     p, patch = cfg.progressive, cfg.model.patch_size
-    full_depth = depth or get_size(cfg.model.size).depth
+    full_depth = depth or cfg.model.depth or get_size(cfg.model.size).depth
     items = p.stages or [StageConfig()]
     starts, stages = [], []
     prev = Stage(res=cfg.data.res, mask_ratio=cfg.mask_ratio, depth=full_depth, drop_path=cfg.model.drop_path)

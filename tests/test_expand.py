@@ -79,3 +79,11 @@ def test_missing_or_already_expanded_input_is_refused(mae_ckpt, tmp_path, capsys
         main([str(mae_ckpt), "--export", "--out", str(tmp_path / "e.pth")])
     assert "not ScaleNet-expanded" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x2.pth"]
+
+
+def test_expand_an_mae_of_non_default_depth(tmp_path):
+    src = tmp_path / "mae6.pth"
+    torch.save({"model": build_mae("micro", patch_size=8, img_size=32, depth=6).state_dict()}, src)
+    main([str(src), "--depth", "9", "--map", "interleave", "--out", str(tmp_path / "x.pth")])
+    assert torch.load(tmp_path / "x.pth", weights_only=True)["model"]["scalenet"]["sources"] == \
+        [0, 0, 1, 2, 2, 3, 4, 4, 5]

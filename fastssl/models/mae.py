@@ -193,6 +193,7 @@ def build_mae(
     img_size: int = 224,
     norm_pix_loss: bool = True,
     drop_path: float = 0.0,
+    depth: int | None = None,
 ) -> MaskedAutoencoderViT:
     """An MAE of a registered size (`sizes.SIZES`); `patch_size=None` takes the size's own (16, or
     14 for huge). `img_size` only sets the default grid stored in the state dict."""
@@ -201,7 +202,7 @@ def build_mae(
         img_size=img_size,
         patch_size=patch_size or s.patch_size,
         embed_dim=s.embed_dim,
-        depth=s.depth,
+        depth=depth or s.depth,
         num_heads=s.num_heads,
         decoder_embed_dim=s.decoder_embed_dim,
         decoder_depth=s.decoder_depth,
