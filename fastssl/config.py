@@ -34,6 +34,7 @@ class ModelConfig:
     patch_size: int = 16
     norm_pix_loss: bool = True
     drop_path: float = 0.0
+    depth: Optional[int] = None  # encoder blocks, when not the size's (e.g. a deeper from-scratch baseline)
 
 
 @dataclass
@@ -45,6 +46,10 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 40.0
     clip_grad: Optional[float] = None  # max global grad norm
+    # cosine: MAE's warmup + half-cosine; wsd: warmup, stable at lr, linear decay over the last
+    # `decay_frac` of training (a single late growth lands in the stable phase)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_frac: float = 0.2
 
 
 @dataclass
@@ -88,6 +93,7 @@ class RunConfig:
         _check(self.accum_steps > 0, "accum_steps", self.accum_steps, "must be > 0")
         _check(self.data.num_workers >= 0, "data.num_workers", self.data.num_workers, "must be >= 0")
         _check(self.model.patch_size > 0, "model.patch_size", self.model.patch_size, "must be > 0")
+        _check(self.model.depth is None or self.model.depth > 0, "model.depth", self.model.depth, "must be > 0")
         _check(
             self.data.res > 0 and self.data.res % self.model.patch_size == 0,
             "data.res", self.data.res,
@@ -99,6 +105,7 @@ class RunConfig:
         _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, "must be >= 0")
         _check(self.optim.warmup_epochs >= 0, "optim.warmup_epochs", self.optim.warmup_epochs, "must be >= 0")
         _check(all(0 <= b < 1 for b in self.optim.betas), "optim.betas", list(self.optim.betas), "each must be in [0, 1)")
+        _check(0.0 < self.optim.decay_frac <= 1.0, "optim.decay_frac", self.optim.decay_frac, "must be in (0, 1]")
         _check(
             self.optim.clip_grad is None or self.optim.clip_grad > 0,
             "optim.clip_grad", self.optim.clip_grad, "must be > 0 or null",
@@ -138,11 +145,65 @@ class KNNConfig:
 
 
 @dataclass
+class RampConfig:
+    """ffcv-imagenet's resolution ramp: min_res until start_ramp, linear to max_res at end_ramp."""
+
+    min_res: int = 160
+    max_res: int = 224
+    start_ramp: int = 0
+    end_ramp: int = 0
+    step: int = 32  # resolutions are rounded to a multiple of this
+
+
+@dataclass
+class StageConfig:
+    """One explicit stage, from `epoch` until the next stage's; a null field keeps the previous
+    stage's value (the first stage's null fields take data.res, mask_ratio, the full depth and
+    model.drop_path)."""
+
+    epoch: int = 0
+    res: Optional[int] = None
+    depth: Optional[int] = None  # executed encoder blocks
+    mask_ratio: Optional[float] = None
+    drop_path: Optional[float] = None
+
+
+@dataclass
+class GrowthConfig:
+    op: Literal["stack", "interleave", "zero", "gated", "mogrow"] = "zero"
+    optimizer: Literal["reset", "carry", "copy"] = "carry"  # what new/old params' AdamW state becomes
+    rewarmup_steps: int = 0  # linear LR re-warmup after each growth; the global schedule continues
+    gate_steps: int = 5000  # `gated`: new blocks' gate m ramps 0 -> 1 over this many steps (MSG)
+    ema_decay: float = 0.9996  # `mogrow`: EMA of the encoder blocks that grown blocks copy (AutoProg)
+
+
+@dataclass
+class ProgressiveConfig:
+    """Empty (no ramp, no stages): a fixed-size run."""
+
+    ramp: Optional[RampConfig] = None
+    stages: list[StageConfig] = field(default_factory=list)
+    # mask ratio per resolution such that the visible tokens per image stay those of the final stage
+    couple_mask: bool = False
+    growth: GrowthConfig = field(default_factory=GrowthConfig)
+
+
+@dataclass
+class ScaleNetConfig:
+    """Training a ScaleNet-expanded `init` (python -m fastssl.expand)."""
+
+    freeze_shared: bool = False  # train only the adapters
+    adapter_lr_scale: float = 1.0  # adapters' LR = this x the schedule's
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     mask_ratio: float = 0.75
     init: str = ""  # start from these weights (a fresh run only; resume always wins)
     init_unsafe: bool = False  # allow arbitrary unpickling of `init` (only for files you trust)
     knn: KNNConfig = field(default_factory=KNNConfig)
+    progressive: ProgressiveConfig = field(default_factory=ProgressiveConfig)
+    scalenet: ScaleNetConfig = field(default_factory=ScaleNetConfig)
 
     def validate(self) -> None:
         super().validate()
@@ -151,6 +212,11 @@ class PretrainConfig(RunConfig):
         self.knn.validate()
         _check(not self.knn.every_epochs or bool(self.data.val), "data.val", self.data.val,
                "must name a .beton file when knn.every_epochs > 0")
+        _check(self.scalenet.adapter_lr_scale > 0, "scalenet.adapter_lr_scale", self.scalenet.adapter_lr_scale,
+               "must be > 0")
+        from fastssl.progressive import from_config  # it imports this module
+
+        from_config(self)  # every schedule mistake, before anything runs
 
 
 @dataclass

@@ -22,6 +22,17 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
 
 
+def make_demo_betons(data: Path) -> tuple[Path, Path]:
+    """The demo images and their train/val .beton files under `data` (kept if already there)."""
+    train, val = data / "train.beton", data / "val.beton"
+    sh("data_prep/make_demo_dataset.py", "--out", str(data / "images"))
+    for split, beton in (("train", train), ("val", val)):
+        if not beton.exists():
+            sh("data_prep/write_ffcv.py", "--src", str(data / "images" / split), "--out", str(beton),
+               "--max-res", "64", "--jpeg-quality", "90", "--workers", "2")
+    return train, val
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastssl.demo", description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/demo", help="where the images and .beton files go")
@@ -29,14 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, help="pretraining epochs (default: the recipe's)")
     p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default: the recipe's)")
     args = p.parse_args(argv)
-    data, runs = Path(args.data).resolve(), Path(args.runs).resolve()
-    train, val = data / "train.beton", data / "val.beton"
-
-    sh("data_prep/make_demo_dataset.py", "--out", str(data / "images"))
-    for split, beton in (("train", train), ("val", val)):
-        if not beton.exists():
-            sh("data_prep/write_ffcv.py", "--src", str(data / "images" / split), "--out", str(beton),
-               "--max-res", "64", "--jpeg-quality", "90", "--workers", "2")
+    runs = Path(args.runs).resolve()
+    train, val = make_demo_betons(Path(args.data).resolve())
     data_keys = [f"data.train={train}", f"data.val={val}"]
     sh("-m", "fastssl.pretrain", "recipes/demo/pretrain_cpu.yaml", f"run_dir={runs / 'pretrain'}",
        *data_keys, *([f"epochs={args.epochs}"] if args.epochs else []))

@@ -46,6 +46,16 @@ class Stateful(Protocol):
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 
 
+class StageHook(Protocol):
+    """Applies stages to the model (e.g. `progressive.DepthGrowth`); its state is checkpointed."""
+
+    def enter(self, stage: Stage, step: int) -> bool: ...  # True: module structure changed
+    def after_step(self, step: int) -> None: ...
+    def lr_factor(self, step: int) -> float: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class Progress:
     epoch: int = 0  # the epoch in progress
@@ -87,6 +97,7 @@ def fit(
     logger: RunLogger,
     on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
     extra_state: dict[str, Stateful] | None = None,
+    stages: StageHook | None = None,
 ) -> Progress:
     """Train to `cfg.epochs`, resuming from the run folder. `extra_state` objects (an EMA, a best-
     metric tracker) are saved in every checkpoint under their names and restored on resume."""
@@ -100,7 +111,7 @@ def fit(
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    base_lr = cfg.lr()
+    lr_at = optim.lr_schedule(cfg.optim, total_steps, warmup_steps, cfg.lr())
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
 
     progress = Progress()
@@ -112,11 +123,12 @@ def fit(
         progress = Progress(**resumed["progress"])
         for name, obj in extra_state.items():
             obj.load_state_dict(resumed[name])
+        if stages is not None:
+            stages.load_state_dict(resumed["progressive"])  # the layer plan before the first forward
         if info.is_main:
             print(f"resumed from {resumed['path']} (epoch {progress.epoch}, step {progress.step})")
 
-    ddp = DistributedDataParallel(model) if info.distributed else model
-    step_model = torch.compile(ddp) if cfg.compile else ddp
+    ddp = step_model = None  # built at the first stage, rebuilt after each structural change
 
     def save() -> None:
         if info.is_main:
@@ -126,6 +138,7 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "progress": vars(progress).copy(),
+                    **({"progressive": stages.state_dict()} if stages is not None else {}),
                     "config": to_dict(cfg),
                     **{name: obj.state_dict() for name, obj in extra_state.items()},
                 },
@@ -157,6 +170,17 @@ def fit(
     for epoch in range(progress.epoch, cfg.epochs):
         progress.epoch = epoch
         stage = schedule(epoch)
+        changed = stages is not None and stages.enter(stage, progress.step)
+        if step_model is None or changed:
+            # DDP registers hooks on the parameters that need grads now; compiled code assumed the
+            # old structure: both are rebuilt after growth (recompiles once per new shape after it).
+            ddp = step_model = None
+            if cfg.compile:
+                torch._dynamo.reset()
+            ddp = DistributedDataParallel(model) if info.distributed else model
+            step_model = torch.compile(ddp) if cfg.compile else ddp
+        if progress.micro == 0:
+            logger.log({f"stage/{k}": v for k, v in vars(stage).items() if v is not None}, progress.step)
         loader.set_resolution(stage.res)
         loader.set_epoch(epoch, start_batch=progress.micro)  # after a mid-epoch resume: the rest
         model.train()
@@ -167,8 +191,8 @@ def fit(
             seed_position(cfg.seed, epoch * micro_per_epoch + i, info)
             last_micro = (i + 1) % cfg.accum_steps == 0
             if i % cfg.accum_steps == 0:
-                optim.set_lr(optimizer, optim.cosine_lr(progress.step, total_steps, warmup_steps,
-                                                        base_lr, cfg.optim.min_lr))
+                factor = stages.lr_factor(progress.step) if stages is not None else 1.0
+                optim.set_lr(optimizer, lr_at(progress.step) * factor)
             sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp.no_sync()
             with sync:
                 with autocast(cfg.precision, info.device):
@@ -187,6 +211,8 @@ def fit(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
+            if stages is not None:
+                stages.after_step(progress.step)
             n_logged += 1
             check_and_log()
             if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:

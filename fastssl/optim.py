@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import math
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
+
+from fastssl.config import OptimConfig
+from fastssl.models import scalenet
 
 # Tokens and position tables are not weights in the decay sense (MAE and timm exclude them too).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
@@ -14,15 +18,18 @@ def _decays(name: str, p: nn.Parameter) -> bool:
     return p.ndim > 1 and name.split(".")[-1] not in NO_DECAY_NAMES
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: decayed matrices, and biases / norm weights / tokens with no decay."""
-    decay, no_decay = [], []
+def param_groups(model: nn.Module, weight_decay: float, adapter_lr_scale: float = 1.0) -> list[dict]:
+    """Decayed matrices, and biases / norm weights / tokens / scales with no decay; ScaleNet adapters
+    (if any) in two more groups of the same split, at `adapter_lr_scale` times the LR."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(False, True): [], (False, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if _decays(name, p) else no_decay).append(p)
+            groups.setdefault((scalenet.is_adapter(name), _decays(name, p)), []).append(p)
+    order = [(False, True), (False, False), (True, True), (True, False)]  # stable across runs: resume
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": groups[adapter, decay], "weight_decay": weight_decay if decay else 0.0,
+         **({"lr_scale": adapter_lr_scale} if adapter else {})}
+        for adapter, decay in order if (adapter, decay) in groups
     ]
 
 
@@ -54,8 +61,9 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-          device: torch.device, layer_decay: float | None = None) -> torch.optim.AdamW:
-    groups = (param_groups(model, weight_decay) if layer_decay is None
+          device: torch.device, layer_decay: float | None = None,
+          adapter_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    groups = (param_groups(model, weight_decay, adapter_lr_scale) if layer_decay is None
               else layer_decay_groups(model, weight_decay, layer_decay))
     # The fused kernel is one launch for all parameters on CUDA; on CPU the foreach path is fastest.
     fused = device.type == "cuda"
@@ -104,6 +112,54 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, mi
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def wsd_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float,
+           decay_frac: float) -> float:
+    """Warmup-stable-decay: linear warmup, constant base_lr, linear decay to min_lr over the last
+    `decay_frac` of training (the schedule of zero/one-layer progressive training)."""
+    decay_start = total_steps - round(decay_frac * total_steps)
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    if step < decay_start:
+        return base_lr
+    t = (step - decay_start) / max(1, total_steps - decay_start)
+    return base_lr + (min_lr - base_lr) * min(1.0, t)
+
+
+def lr_schedule(cfg: OptimConfig, total_steps: int, warmup_steps: int, base_lr: float) -> Callable[[int], float]:
+    """The recipe's per-step LR, global in steps: progressive stages and growth never restart it."""
+    if cfg.schedule == "wsd":
+        return lambda step: wsd_lr(step, total_steps, warmup_steps, base_lr, cfg.min_lr, cfg.decay_frac)
+    return lambda step: cosine_lr(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+@torch.no_grad()
+def regrow_state(optimizer: torch.optim.Optimizer, blocks: nn.ModuleList, moves: Iterable, policy: str) -> None:
+    """Optimizer state after depth growth (`models.growth.grow`'s moves: block <- source block).
+
+    reset: a fresh optimizer for every parameter (AutoProg, StackingBERT); carry: a block that is its
+    source, relocated, keeps its moments and step, copies and fresh blocks start empty (MSG); copy:
+    every copy takes its source's moments and step.
+    """
+    if policy == "reset":
+        optimizer.state.clear()
+        return
+    moves = list(moves)
+    params = [list(b.parameters()) for b in blocks]
+
+    def copied(state: dict) -> dict:
+        return {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+
+    before = {m.source: [copied(optimizer.state.get(p, {})) for p in params[m.source]]
+              for m in moves if m.source is not None}
+    for m in moves:
+        keep = m.source is not None and (policy == "copy" or m.continues)
+        for k, p in enumerate(params[m.block]):
+            if keep and before[m.source][k]:
+                optimizer.state[p] = copied(before[m.source][k])
+            else:
+                optimizer.state.pop(p, None)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from fastssl import cli, dist, engine, knn, optim, progressive, weights
-from fastssl.config import PretrainConfig, to_dict
+from fastssl.config import ConfigError, PretrainConfig, to_dict
 from fastssl.data import make_eval_loader, make_pretrain_loader
 from fastssl.logger import RunLogger
-from fastssl.models import build_mae
+from fastssl.models import build_mae, scalenet
 from fastssl.visualize import save_reconstructions
 
 
@@ -26,10 +26,20 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     # The stored position tables keep the 224 px grid of MAE's checkpoints; forward regenerates them
     # for whatever resolution the stage uses.
     model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size,
-                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path).to(info.device)
+                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path,
+                      depth=cfg.model.depth).to(info.device)
     if init_state is not None:
+        _restore_scalenet(model, init_state, cfg.init)  # an expanded init: its structure, then weights
         weights.load_mae(model, init_state, cfg.init)
-    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device)
+    # Every block is in the optimizer (state-dict shapes never change); DepthGrowth freezes those
+    # the first stage does not run.
+    schedule = progressive.from_config(cfg, depth=len(model.blocks))
+    _check_scalenet(cfg, model, schedule)
+    if cfg.scalenet.freeze_shared:
+        scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
+    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
+                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
+    stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
     loader = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
@@ -64,11 +74,29 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     def on_epoch_end(epoch: int, m) -> dict:
         return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
 
-    schedule = progressive.constant(cfg.data.res, cfg.mask_ratio)
     try:
-        return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end)
+        return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
+                          stages=stages)
     finally:
         logger.close()
+
+
+def _restore_scalenet(model: torch.nn.Module, state: dict, path: str) -> None:
+    try:
+        scalenet.restore(model, weights.raw_model_state(state))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"init={path!r}: bad ScaleNet spec ({e})") from None
+
+
+def _check_scalenet(cfg: PretrainConfig, model: torch.nn.Module, schedule: progressive.Piecewise) -> None:
+    if cfg.scalenet.freeze_shared and not scalenet.is_expanded(model):
+        raise ConfigError("scalenet.freeze_shared=true: init must be a ScaleNet-expanded checkpoint "
+                          "(python -m fastssl.expand)")
+    depths = {stage.depth for _, _, stage in schedule.segments(cfg.epochs)}
+    if scalenet.is_expanded(model) and depths != {len(model.blocks)}:
+        # growth copies block weights in place, which would overwrite every position sharing them
+        raise ConfigError(f"progressive depth stages {sorted(depths)}: a ScaleNet-expanded init runs all "
+                          f"{len(model.blocks)} positions; drop the depth stages")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,33 @@
-"""Stage schedules: what the model and loader look like at a given epoch.
+"""Stage schedules: what the model and loader look like at a given epoch, and the hook that applies
+a stage to the model and its optimizer.
 
 The engine asks `schedule(epoch)` at every epoch start, so a run resumed anywhere lands in the
-stage its epoch belongs to. A fixed-size run is one stage for all epochs.
+stage its epoch belongs to. A fixed-size run is one stage for all epochs. Two forms, combinable:
+ffcv-imagenet's linear resolution ramp, and explicit stages (resolution, depth, mask ratio, drop
+path) that start at given epochs. `couple_mask` picks each resolution's mask ratio so that the
+visible tokens per image stay those of the final stage (DailyMAE: 160/.51, 192/.66, 224/.75 keep 49).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, replace
 from typing import Callable
+
+import torch
+from torch import nn
+
+from fastssl import optim
+from fastssl.config import ConfigError, GrowthConfig, PretrainConfig, RampConfig, StageConfig
+from fastssl.models import growth, len_keep
+from fastssl.models.sizes import get_size
 
 
 @dataclass(frozen=True)
 class Stage:
     res: int
     mask_ratio: float = 0.0
+    depth: int | None = None  # executed encoder blocks; None: all of them
+    drop_path: float | None = None  # stochastic depth of the last block; None: as built
 
 
 Schedule = Callable[[int], Stage]
@@ -21,3 +36,203 @@ Schedule = Callable[[int], Stage]
 def constant(res: int, mask_ratio: float = 0.0) -> Schedule:
     stage = Stage(res=res, mask_ratio=mask_ratio)
     return lambda epoch: stage
+
+
+def ramp_res(epoch: int, ramp: RampConfig) -> int:
+    """ffcv-imagenet's `get_resolution`: linear from min_res at start_ramp to max_res at end_ramp,
+    rounded to a multiple of `ramp.step`."""
+    if epoch <= ramp.start_ramp:
+        res = ramp.min_res
+    elif epoch >= ramp.end_ramp:
+        res = ramp.max_res
+    else:
+        t = (epoch - ramp.start_ramp) / (ramp.end_ramp - ramp.start_ramp)
+        res = ramp.min_res + t * (ramp.max_res - ramp.min_res)
+    return int(round(res / ramp.step)) * ramp.step
+
+
+def coupled_mask_ratio(num_patches: int, visible: int) -> float:
+    """The mask ratio that keeps exactly `visible` of `num_patches` tokens under MAE's rounding."""
+    ratio = 1.0 - visible / num_patches
+    while len_keep(num_patches, ratio) < visible:  # 1 - v/n may round to one token fewer
+        ratio -= 1e-12
+    return ratio
+
+
+class Piecewise:
+    """Explicit stages looked up by epoch range, resolution from a ramp if there is one."""
+
+    def __init__(self, starts: list[int], stages: list[Stage], ramp: RampConfig | None,
+                 visible: int | None, patch_size: int):
+        self.starts, self.stages, self.ramp = starts, stages, ramp
+        self.visible, self.patch_size = visible, patch_size
+
+    def __call__(self, epoch: int) -> Stage:
+        stage = self.stages[bisect.bisect_right(self.starts, epoch) - 1]
+        if self.ramp is not None:
+            stage = replace(stage, res=ramp_res(epoch, self.ramp))
+        if self.visible is not None:
+            stage = replace(stage, mask_ratio=coupled_mask_ratio((stage.res // self.patch_size) ** 2, self.visible))
+        return stage
+
+    def segments(self, epochs: int) -> list[tuple[int, int, Stage]]:
+        """(first epoch, end epoch, stage) for each run of equal stages in [0, epochs)."""
+        out: list[tuple[int, int, Stage]] = []
+        for e in range(epochs):
+            s = self(e)
+            if out and out[-1][2] == s:
+                out[-1] = (out[-1][0], e + 1, s)
+            else:
+                out.append((e, e + 1, s))
+        return out
+
+
+def _err(key: str, value, allowed: str) -> ConfigError:
+    return ConfigError(f"{key}={value!r}: {allowed}")
+
+
+def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
+    """The recipe's schedule; every mistake is a one-line ConfigError naming the key. `depth`: the
+    encoder's full depth when it is not the size's (a ScaleNet-expanded `init`)."""
+    p, patch = cfg.progressive, cfg.model.patch_size
+    full_depth = depth or cfg.model.depth or get_size(cfg.model.size).depth
+    items = p.stages or [StageConfig()]
+    starts, stages = [], []
+    prev = Stage(res=cfg.data.res, mask_ratio=cfg.mask_ratio, depth=full_depth, drop_path=cfg.model.drop_path)
+    for i, it in enumerate(items):
+        key = f"progressive.stages[{i}]"
+        if i == 0 and it.epoch != 0:
+            raise _err(f"{key}.epoch", it.epoch, "the first stage must start at epoch 0")
+        if i > 0 and it.epoch <= starts[-1]:
+            raise _err(f"{key}.epoch", it.epoch, f"stages out of order: must be > the previous stage's {starts[-1]}")
+        if it.epoch >= cfg.epochs:
+            raise _err(f"{key}.epoch", it.epoch, f"must be < epochs={cfg.epochs}")
+        if it.res is not None and p.ramp is not None:
+            raise _err(f"{key}.res", it.res, "progressive.ramp sets the resolution; drop one of them")
+        if it.mask_ratio is not None and p.couple_mask:
+            raise _err(f"{key}.mask_ratio", it.mask_ratio, "progressive.couple_mask sets the mask ratio; drop one of them")
+        res = it.res if it.res is not None else prev.res
+        depth = it.depth if it.depth is not None else prev.depth
+        if res <= 0 or res % patch:
+            raise _err(f"{key}.res", res, f"must be a positive multiple of model.patch_size={patch}")
+        if i and res < prev.res:
+            raise _err(f"{key}.res", res, f"resolution may not shrink (previous stage: {prev.res})")
+        if not 0 <= depth <= full_depth:
+            raise _err(f"{key}.depth", depth, f"must be in 0..{full_depth} (model.size={cfg.model.size})")
+        if i and depth < prev.depth:
+            raise _err(f"{key}.depth", depth, f"depth may not shrink (previous stage: {prev.depth})")
+        if it.mask_ratio is not None and not 0.0 <= it.mask_ratio < 1.0:
+            raise _err(f"{key}.mask_ratio", it.mask_ratio, "must be in [0, 1)")
+        if it.drop_path is not None and not 0.0 <= it.drop_path < 1.0:
+            raise _err(f"{key}.drop_path", it.drop_path, "must be in [0, 1)")
+        stage = Stage(res=res, depth=depth,
+                      mask_ratio=it.mask_ratio if it.mask_ratio is not None else prev.mask_ratio,
+                      drop_path=it.drop_path if it.drop_path is not None else prev.drop_path)
+        if i and depth > prev.depth and prev.depth == 0 and p.growth.op in growth.COPYING_OPS:
+            raise _err("progressive.growth.op", p.growth.op,
+                       f"copies existing blocks, but stage {i - 1} has none (depth 0): use zero or gated")
+        starts.append(it.epoch)
+        stages.append(stage)
+        prev = stage
+    if p.ramp is not None:
+        r = p.ramp
+        if r.step <= 0 or r.step % patch:
+            raise _err("progressive.ramp.step", r.step, f"must be a positive multiple of model.patch_size={patch}")
+        for name in ("min_res", "max_res"):
+            v = getattr(r, name)
+            if v <= 0 or v % r.step:
+                raise _err(f"progressive.ramp.{name}", v, f"must be a positive multiple of progressive.ramp.step={r.step}")
+        if r.min_res > r.max_res:
+            raise _err("progressive.ramp.max_res", r.max_res, f"must be >= min_res={r.min_res} (resolution may not shrink)")
+        if not 0 <= r.start_ramp <= r.end_ramp:
+            raise _err("progressive.ramp.end_ramp", r.end_ramp, f"must be >= start_ramp={r.start_ramp} >= 0")
+    g = p.growth
+    if g.rewarmup_steps < 0:
+        raise _err("progressive.growth.rewarmup_steps", g.rewarmup_steps, "must be >= 0")
+    if g.gate_steps <= 0:
+        raise _err("progressive.growth.gate_steps", g.gate_steps, "must be > 0")
+    if not 0.0 < g.ema_decay < 1.0:
+        raise _err("progressive.growth.ema_decay", g.ema_decay, "must be in (0, 1)")
+    visible = None
+    schedule = Piecewise(starts, stages, p.ramp, None, patch)
+    if p.couple_mask:
+        final = schedule(cfg.epochs - 1)
+        visible = len_keep((final.res // patch) ** 2, final.mask_ratio)
+        smallest = schedule(0).res
+        if (smallest // patch) ** 2 < visible:
+            raise _err("progressive.couple_mask", True,
+                       f"res {smallest} has {(smallest // patch) ** 2} patches, fewer than the {visible} "
+                       f"visible tokens of the final stage")
+        schedule.visible = visible
+    return schedule
+
+
+class DepthGrowth:
+    """Applies each stage's depth and drop path to an MAE and its AdamW, and keeps what growth needs
+    (gate ramps, the EMA for `mogrow`, the last growth step for re-warmup) in its state dict.
+
+    All blocks exist from the start; only `model.layer_plan` runs, the rest are frozen (no grads, so
+    no weight decay, and DDP, rebuilt after each change, never waits for them).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: GrowthConfig,
+                 start_depth: int | None):
+        self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.gate_start: dict[int, int] = {}  # block -> step its gate began to ramp
+        self.grown_at = -1  # optimizer step of the last growth
+        self.drop_path: float | None = None
+        self.stage: Stage | None = None
+        depth = len(model.blocks) if start_depth is None else start_depth
+        growth.apply_plan(model, list(range(depth)))
+        self.ema = growth.BlockEMA(model) if cfg.op == "mogrow" else None
+
+    def enter(self, stage: Stage, step: int) -> bool:
+        """Apply `stage` at optimizer step `step`; True when the module structure changed (the
+        engine then rebuilds DDP and recompiles)."""
+        self.stage, changed = stage, False
+        depth = len(self.model.blocks) if stage.depth is None else stage.depth
+        have = len(self.model.layer_plan)
+        if depth < have:
+            raise ConfigError(f"progressive: the checkpoint's encoder runs {have} blocks but the schedule "
+                              f"asks for {depth}; depth may not shrink")
+        if depth > have:
+            moves = growth.grow(self.model, self.cfg.op, depth, self.ema)
+            optim.regrow_state(self.optimizer, self.model.blocks, moves, self.cfg.optimizer)
+            if self.cfg.op == "gated":
+                self.gate_start.update({m.block: step for m in moves if m.source is None})
+            self.grown_at = step
+            changed = True
+        if stage.drop_path is not None and (changed or stage.drop_path != self.drop_path):  # new blocks too
+            growth.set_drop_path(self.model, stage.drop_path)
+            self.drop_path = stage.drop_path
+            changed = True
+        self._set_gates(step)
+        return changed
+
+    def _set_gates(self, step: int) -> None:
+        gates = {b: min(1.0, (step - s) / self.cfg.gate_steps) for b, s in self.gate_start.items()}
+        growth.set_gates(self.model, gates)
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step `step - 1`: the EMA follows the weights, gates move to `step`'s value."""
+        if self.ema is not None:
+            self.ema.update(self.model, self.cfg.ema_decay)
+        if self.gate_start:
+            self._set_gates(step)
+
+    def lr_factor(self, step: int) -> float:
+        if self.grown_at < 0 or not self.cfg.rewarmup_steps:
+            return 1.0
+        return min(1.0, (step - self.grown_at + 1) / self.cfg.rewarmup_steps)
+
+    def state_dict(self) -> dict:
+        return {"stage": vars(self.stage).copy() if self.stage else None,  # for people: resume recomputes it
+                "layer_plan": list(self.model.layer_plan), "gate_start": dict(self.gate_start),
+                "grown_at": self.grown_at, "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        growth.apply_plan(self.model, state["layer_plan"])
+        self.gate_start = {int(k): int(v) for k, v in state["gate_start"].items()}
+        self.grown_at = int(state["grown_at"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])

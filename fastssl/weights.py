@@ -64,14 +64,18 @@ def read(path: str, key: str = "init", unsafe: bool = False, opt_in: str = "") -
     return state
 
 
-def model_state(state: dict) -> dict[str, torch.Tensor]:
-    """The state dict inside a checkpoint, wrappers removed (see the module docstring)."""
+def raw_model_state(state: dict) -> dict:
+    """The state dict as stored, non-tensor entries (a ScaleNet spec) included."""
     for k in ("model", "state_dict"):
         if isinstance(state.get(k), dict):
-            state = state[k]
-            break
+            return state[k]
+    return state
+
+
+def model_state(state: dict) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint, wrappers removed (see the module docstring)."""
     sd = {}
-    for k, v in state.items():
+    for k, v in raw_model_state(state).items():
         if not isinstance(v, torch.Tensor):
             continue
         for prefix in _WRAPPER_PREFIXES:
@@ -90,9 +94,9 @@ def vit_arch(state: dict, path: str = "", key: str = "init") -> tuple[str, int]:
     if proj is None:
         raise ConfigError(f"{key}={path!r}: no ViT encoder in it (no patch_embed.proj.weight)")
     dim, patch = proj.shape[0], proj.shape[-1]
-    depth = 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+    depth = _depth(sd)
     for name, s in SIZES.items():
-        if (s.embed_dim, s.depth) == (dim, depth):
+        if s.embed_dim == dim:  # the depth may differ from the size's own (model.depth, ScaleNet)
             return name, patch
     known = ", ".join(f"{n} ({s.embed_dim}x{s.depth})" for n, s in SIZES.items())
     raise ConfigError(f"{key}={path!r}: a ViT of width {dim} and depth {depth} matches no size ({known})")
@@ -112,7 +116,8 @@ def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, ke
     `size`; `state`: the file's contents when already read). `vit_kwargs` go to `build_vit_encoder`
     (num_classes, global_pool, drop_path, img_size)."""
     if init != "random":
-        state = state if state is not None else read(init, key, unsafe)
+        state = _plain(state if state is not None else read(init, key, unsafe), init, key)
+        vit_kwargs.setdefault("depth", _depth(model_state(state)))
         found = vit_arch(state, init, key)
         if found != (size, patch_size):
             print(f"{key}: {init} holds a ViT-{found[0]}/{found[1]}; using it (the recipe says "
@@ -122,6 +127,24 @@ def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, ke
     if state is not None:
         load_vit(vit, state, init, key)
     return vit
+
+
+def _depth(sd: dict) -> int:
+    return 1 + max((int(k.split(".")[1]) for k in sd if k.startswith("blocks.")), default=-1)
+
+
+def _plain(state: dict, path: str, key: str) -> dict:
+    """A ScaleNet-expanded checkpoint as the plain ViT it exports to (merged adapters); others as is."""
+    from fastssl.expand import plain_state_dict  # it imports the models that import this module's users
+    from fastssl.models import scalenet
+
+    sd = raw_model_state(state)
+    if scalenet.SPEC_KEY not in sd:
+        return state
+    try:
+        return {"model": plain_state_dict(sd)}
+    except ValueError as e:
+        raise ConfigError(f"{key}={path!r}: {e}") from None
 
 
 def load_mae(mae: nn.Module, state: dict, path: str = "", key: str = "init") -> None:

@@ -5,7 +5,8 @@ Parameter names are theirs, so their checkpoints load unchanged, and the encoder
 - any input resolution, non-square included: position tables are regenerated per patch grid
   (`pos_embed.cached_pos_embed`); the `pos_embed` / `decoder_pos_embed` parameters keep the default
   grid only so state dicts match theirs, and forward never reads them;
-- the encoder runs `self.layer_plan` (executed position -> block index) for progressive depth;
+- the encoder runs `self.layer_plan` (executed position -> block index) for progressive depth,
+  and a block in `gated_blocks` adds only `block_gate[i]` of its residual update (see `growth.py`);
 - `noise` makes the masking reproducible.
 """
 from functools import partial
@@ -75,6 +76,10 @@ class MaskedAutoencoderViT(nn.Module):
         self.blocks = nn.ModuleList([block(embed_dim, num_heads, drop_path=d) for d in dpr])
         self.norm = norm_layer(embed_dim)
         self._layer_plan = list(range(depth))
+        # Not state: growth.py sets them, checkpoints restore them (a buffer, so a changing gate
+        # value is a tensor update for torch.compile, not a recompile).
+        self.register_buffer("block_gate", torch.ones(depth), persistent=False)
+        self.gated_blocks: frozenset[int] = frozenset()
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -143,7 +148,8 @@ class MaskedAutoencoderViT(nn.Module):
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for i in self._layer_plan:
-            x = self.blocks[i](x)
+            y = self.blocks[i](x)
+            x = x + self.block_gate[i] * (y - x) if i in self.gated_blocks else y
         return self.norm(x), mask, ids_restore
 
     def forward_decoder(
@@ -187,6 +193,7 @@ def build_mae(
     img_size: int = 224,
     norm_pix_loss: bool = True,
     drop_path: float = 0.0,
+    depth: int | None = None,
 ) -> MaskedAutoencoderViT:
     """An MAE of a registered size (`sizes.SIZES`); `patch_size=None` takes the size's own (16, or
     14 for huge). `img_size` only sets the default grid stored in the state dict."""
@@ -195,7 +202,7 @@ def build_mae(
         img_size=img_size,
         patch_size=patch_size or s.patch_size,
         embed_dim=s.embed_dim,
-        depth=s.depth,
+        depth=depth or s.depth,
         num_heads=s.num_heads,
         decoder_embed_dim=s.decoder_embed_dim,
         decoder_depth=s.decoder_depth,

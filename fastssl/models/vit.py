@@ -23,10 +23,12 @@ def build_vit_encoder(
     drop_path: float = 0.0,
     img_size: int = 224,
     patch_size: int | None = None,
+    depth: int | None = None,
 ) -> VisionTransformer:
     """A timm ViT with the dims of `build_mae(size)`; runs at any resolution (`dynamic_img_size`
     resamples its learned `pos_embed` bicubically). `global_pool="avg"` puts the final norm after
-    pooling (`fc_norm`), as MAE fine-tuning does; `num_classes=0` gives features only."""
+    pooling (`fc_norm`), as MAE fine-tuning does; `num_classes=0` gives features only. `depth`
+    overrides the size's (a ScaleNet-expanded encoder's export)."""
     s = get_size(size)
     return VisionTransformer(
         img_size=img_size,
@@ -34,7 +36,7 @@ def build_vit_encoder(
         num_classes=num_classes,
         global_pool=global_pool,
         embed_dim=s.embed_dim,
-        depth=s.depth,
+        depth=depth or s.depth,
         num_heads=s.num_heads,
         mlp_ratio=s.mlp_ratio,
         qkv_bias=True,

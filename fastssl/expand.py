@@ -1,0 +1,122 @@
+"""ScaleNet depth expansion of a trained encoder (ours, facebookresearch/mae's or a timm ViT):
+
+    python -m fastssl.expand CKPT --depth L2 --map {cyclic,interleave} --adapter-rank R
+        --adapter-where {attn,mlp,both} [--adapter-act {none,gelu}] --out CKPT2
+    python -m fastssl.expand CKPT2 --export --out VIT.pth   # materialised, adapters merged: plain ViT
+
+CKPT2 continues pretraining with `python -m fastssl.pretrain RECIPE init=CKPT2`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastssl.checkpoint import atomic_torch_save
+from fastssl.models import SIZES, build_mae, build_vit_encoder, load_encoder
+from fastssl.models import scalenet
+from fastssl.models.vit import encoder_state_dict
+
+
+class ExpandError(ValueError):
+    pass
+
+
+def read_state_dict(path: str) -> dict:
+    if not Path(path).is_file():
+        raise ExpandError(f"{path!r}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ExpandError(f"{path!r}: cannot be read safely ({type(e).__name__})") from None
+    sd = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(sd, dict) or "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        raise ExpandError(f"{path!r}: not a ViT or MAE checkpoint (no cls_token / patch_embed weights)")
+    return sd
+
+
+def build_for(sd: dict) -> nn.Module:
+    """The model (an MAE if the state dict has a decoder, else a timm ViT) these weights load into,
+    ScaleNet structure included."""
+    dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    size = next((name for name, s in SIZES.items() if s.embed_dim == dim), None)
+    if size is None:
+        raise ExpandError(f"embed dim {dim} matches no model size ({', '.join(SIZES)})")
+    spec = sd.get(scalenet.SPEC_KEY)
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    depth = len(set(spec["sources"])) if spec else len(blocks)
+    img_size = round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch if "pos_embed" in sd else 224
+    if any(k.startswith("decoder_") for k in sd):
+        model = build_mae(size, patch_size=patch, img_size=img_size, depth=depth)
+    else:
+        model = build_vit_encoder(size, patch_size=patch, img_size=img_size, depth=depth)
+    scalenet.restore(model, sd)
+    try:
+        if spec or hasattr(model, "decoder_embed"):
+            model.load_state_dict(sd, strict=True)
+        else:
+            load_encoder(model, sd)
+    except (RuntimeError, ValueError) as e:
+        raise ExpandError(f"weights do not fit a {size} model: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def plain_state_dict(sd: dict) -> dict:
+    """An expanded checkpoint's state dict materialised for a plain model of depth L2 (ValueError for
+    non-mergeable adapters)."""
+    return scalenet.export_state_dict(build_for(sd))
+
+
+def encoder_params(model: nn.Module) -> int:
+    names = encoder_state_dict(dict(model.named_parameters()))
+    return sum(p.numel() for p in names.values())
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fastssl.expand", description=__doc__.splitlines()[0])
+    p.add_argument("ckpt")
+    p.add_argument("--depth", type=int)
+    p.add_argument("--map", default="cyclic", help="cyclic | interleave")
+    p.add_argument("--adapter-rank", type=int, default=16)
+    p.add_argument("--adapter-where", default="both", help="attn | mlp | both")
+    p.add_argument("--adapter-act", default="none", help="none (mergeable) | gelu")
+    p.add_argument("--export", action="store_true", help="write the plain ViT of an expanded checkpoint")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    try:
+        if Path(args.out).resolve() == Path(args.ckpt).resolve():
+            raise ExpandError(f"--out {args.out!r} would overwrite the input")
+        sd = read_state_dict(args.ckpt)
+        model = build_for(sd)
+        if args.export:
+            if not scalenet.is_expanded(model):
+                raise ExpandError(f"{args.ckpt!r} is not ScaleNet-expanded; nothing to export")
+            out = {"model": scalenet.export_state_dict(model)}
+            print(f"exported {len(model.blocks)} positions, adapters merged: a plain ViT")
+        else:
+            if args.depth is None:
+                raise ExpandError("--depth is required")
+            if scalenet.is_expanded(model):
+                raise ExpandError(f"{args.ckpt!r} is already ScaleNet-expanded")
+            before = encoder_params(model)
+            scalenet.expand(model, args.depth, args.map, args.adapter_rank, args.adapter_where, args.adapter_act)
+            after, adapters = encoder_params(model), scalenet.param_counts(model)[1]
+            spec = model.scalenet_spec
+            print(f"encoder parameters: {before / 1e6:.2f}M before, {after / 1e6:.2f}M after "
+                  f"(+{adapters / 1e6:.2f}M adapters, {100 * (after - before) / before:.2f}% overhead)\n"
+                  f"{len(spec['sources'])} positions run {len(set(spec['sources']))} shared blocks "
+                  f"({args.map}: {spec['sources']}); adapters rank {args.adapter_rank} on {args.adapter_where}, "
+                  f"act {args.adapter_act}")
+            out = {"model": model.state_dict()}
+    except ValueError as e:  # ExpandError and scalenet's own checks
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    atomic_torch_save(out, Path(args.out))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

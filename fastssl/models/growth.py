@@ -1,0 +1,143 @@
+"""Depth growth of an MAE encoder that holds all its blocks from the start and runs `layer_plan`.
+
+Growing from L to L' executed blocks maps each new position j to an old position (`sources`):
+- `stack`       j mod L: the whole stack copied on top (StackingBERT);
+- `interleave`  floor(j L / L'): each layer duplicated in place (AutoProg);
+- `mogrow`      interleave, the duplicates copied from an EMA of the weights (AutoProg's MoGrow);
+- `zero`        old layers stay, new ones appended with zero `attn.proj` and `mlp.fc2`: for pre-norm
+                blocks each is then the identity, so the grown model computes the same function;
+- `gated`       old layers stay, new ones appended as h + m (block(h) - h) with m ramped 0 -> 1 (MSG):
+                function-preserving whatever their weights.
+Position j always lands in block j (the plan after growth is 0..L'-1), so an exported encoder is a
+plain timm ViT; copies are real copies. Weight sharing (several positions, one block) is the plan's
+business too, but no operator here makes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from timm.layers import DropPath
+from torch import nn
+
+COPYING_OPS = ("stack", "interleave", "mogrow")
+
+
+@dataclass(frozen=True)
+class Move:
+    block: int  # the block that runs new position `block`
+    source: int | None  # the block (before growth) whose weights it now holds; None: a fresh block
+    continues: bool  # it *is* that source, relocated: keeps its optimizer state under `carry`
+
+
+def sources(op: str, old: int, new: int) -> list[int | None]:
+    """New position -> old position it copies, or None for a fresh block."""
+    if op == "stack":
+        return [j % old for j in range(new)]
+    if op in ("interleave", "mogrow"):
+        return [j * old // new for j in range(new)]
+    if op in ("zero", "gated"):
+        return [j if j < old else None for j in range(new)]
+    raise ValueError(f"unknown growth op {op!r}; choose one of stack, interleave, mogrow, zero, gated")
+
+
+def apply_plan(model: nn.Module, plan: list[int]) -> None:
+    """Run `plan`; blocks outside it are frozen, so they get no grads, no weight decay, no DDP hooks,
+    and so are `model.frozen_params` (ScaleNet's shared weights when only adapters train)."""
+    model.layer_plan = plan
+    active = set(model.layer_plan)
+    for i, blk in enumerate(model.blocks):
+        blk.requires_grad_(i in active)
+    for p in getattr(model, "frozen_params", ()):
+        p.requires_grad_(False)
+
+
+def _zero_residual(block: nn.Module) -> None:
+    for layer in (block.attn.proj, block.mlp.fc2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def _clone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in sd.items()}
+
+
+@torch.no_grad()
+def grow(model: nn.Module, op: str, depth: int, ema: BlockEMA | None = None) -> list[Move]:
+    """Grow the executed encoder to `depth` blocks in place (same parameter objects, new values).
+
+    Returns one Move per new position, for the optimizer-state policy (`optim.regrow_state`).
+    """
+    old_plan = list(model.layer_plan)
+    if depth <= len(old_plan) or depth > len(model.blocks):
+        raise ValueError(f"cannot grow from {len(old_plan)} to {depth} of {len(model.blocks)} blocks")
+    if op in COPYING_OPS and not old_plan:
+        raise ValueError(f"growth op {op!r} copies blocks, but the encoder has none; use zero or gated")
+    if op == "mogrow" and ema is None:
+        raise ValueError("growth op 'mogrow' needs the EMA of the blocks")
+    moves, seen = [], set()
+    for j, s in enumerate(sources(op, len(old_plan), depth)):
+        source = None if s is None else old_plan[s]
+        moves.append(Move(j, source, source is not None and source not in seen))
+        seen.add(source)
+    used = {m.source for m in moves} - {None}
+    weights = {b: _clone(model.blocks[b].state_dict()) for b in used}  # before anything is overwritten
+    averaged = {b: ema.block(b) for b in used} if ema is not None else {}
+    for m in moves:
+        block = model.blocks[m.block]
+        if m.source is None:
+            if op == "zero":
+                _zero_residual(block)
+            continue
+        copy_ema = op == "mogrow" and not m.continues
+        block.load_state_dict(averaged[m.source] if copy_ema else weights[m.source])
+        if ema is not None:
+            ema.set_block(m.block, averaged[m.source])
+    apply_plan(model, list(range(depth)))
+    return moves
+
+
+def set_gates(model: nn.Module, gates: dict[int, float]) -> None:
+    """Block i adds gates[i] of its residual update; blocks not named run plainly."""
+    model.gated_blocks = frozenset(gates)
+    for i, m in gates.items():
+        model.block_gate[i] = m
+
+
+def set_drop_path(model: nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly over the full depth to `rate` (timm's rule), by position."""
+    rates = torch.linspace(0, rate, len(model.blocks)).tolist()
+    for pos, i in enumerate(model.layer_plan):
+        block, r = model.blocks[i], rates[pos]
+        block.drop_path1 = DropPath(r) if r > 0 else nn.Identity()
+        block.drop_path2 = DropPath(r) if r > 0 else nn.Identity()
+
+
+class BlockEMA:
+    """Exponential moving average of the encoder blocks (only executed ones move), for `mogrow`."""
+
+    def __init__(self, model: nn.Module):
+        self.shadow = _clone(model.blocks.state_dict())
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float) -> None:
+        active = {str(i) for i in model.layer_plan}
+        live = model.blocks.state_dict()
+        names = [k for k in self.shadow if k.partition(".")[0] in active]
+        if names:
+            torch._foreach_lerp_([self.shadow[k] for k in names], [live[k] for k in names], 1.0 - decay)
+
+    def block(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"{i}."
+        return _clone({k[len(prefix):]: v for k, v in self.shadow.items() if k.startswith(prefix)})
+
+    def set_block(self, i: int, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[f"{i}.{k}"].copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
