@@ -167,6 +167,7 @@ def fit(
         loss_sum.zero_()
         n_logged, t_log = 0, time.perf_counter()
 
+    logged_stage = None
     for epoch in range(progress.epoch, cfg.epochs):
         progress.epoch = epoch
         stage = schedule(epoch)
@@ -179,8 +180,9 @@ def fit(
                 torch._dynamo.reset()
             ddp = DistributedDataParallel(model) if info.distributed else model
             step_model = torch.compile(ddp) if cfg.compile else ddp
-        if progress.micro == 0:
+        if stage != logged_stage:
             logger.log({f"stage/{k}": v for k, v in vars(stage).items() if v is not None}, progress.step)
+            logged_stage = stage
         loader.set_resolution(stage.res)
         loader.set_epoch(epoch, start_batch=progress.micro)  # after a mid-epoch resume: the rest
         model.train()
