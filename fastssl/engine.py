@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastssl import checkpoint, dist, optim, stop
+from fastssl import atomic, checkpoint, dist, optim, stop
 from fastssl.config import RunConfig, to_dict
 from fastssl.logger import RunLogger
 from fastssl.progressive import Schedule, Stage
@@ -74,9 +74,7 @@ def prepare_run_dir(cfg: RunConfig, info: dist.DistInfo) -> Path:
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.json.tmp"
-        tmp.write_text(json.dumps(to_dict(cfg), indent=2))
-        tmp.replace(run_dir / "config.json")
+        atomic.write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     dist.barrier()
     return run_dir
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastssl import dist, engine
+from fastssl import atomic, dist, engine
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -49,8 +48,4 @@ def evaluate(model: nn.Module, loader, info: dist.DistInfo, precision: str, pref
 
 def write_results(run_dir: str | Path, results: dict) -> Path:
     """`run_dir/results.json`, written whole or not at all."""
-    out = Path(run_dir) / "results.json"
-    tmp = out.with_name(f".results.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-    return out
+    return atomic.write_text(Path(run_dir) / "results.json", json.dumps(results, indent=2))

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastssl import atomic
+
 
 def classes_path(beton_path: str | os.PathLike) -> Path:
     """``/x/in1k_train.beton`` -> ``/x/in1k_train.classes.txt``."""
@@ -31,7 +33,4 @@ def num_classes(beton_path: str | os.PathLike) -> int:
 
 def write_classes(path: str | os.PathLike, names: list[str]) -> None:
     """Atomic write: a reader never sees a half-written list."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(f"{n}\n" for n in names))
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(f"{n}\n" for n in names))
