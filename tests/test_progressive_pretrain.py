@@ -1,5 +1,5 @@
 """Progressive pretraining end to end on the demo .beton files: the CPU demo recipes, and resume
-across a growth that ends bitwise where an unbroken run ends."""
+across a growth and a micro-batch change that ends bitwise where an unbroken run ends."""
 import json
 import shutil
 from pathlib import Path
@@ -44,8 +44,8 @@ def test_cpu_demo_recipes_run(demo_betons, tmp_path, recipe, stages):
 
 
 GROWTH_RUN = ["epochs=4", "data.res=32", "precision=fp32", "checkpoint.every_epochs=1", "checkpoint.every_steps=1", "checkpoint.keep_last=100",
-              "progressive.stages=[{epoch: 0, res: 16, depth: 1, mask_ratio: 0.5},"
-              " {epoch: 2, res: 32, depth: 4, mask_ratio: 0.75, drop_path: 0.1}]"]
+              "progressive.stages=[{epoch: 0, res: 16, depth: 1, mask_ratio: 0.5, micro_batch: 16},"
+              " {epoch: 2, res: 32, depth: 4, mask_ratio: 0.75, drop_path: 0.1, micro_batch: 8}]"]
 
 
 @pytest.mark.parametrize("growth", [
@@ -53,8 +53,9 @@ GROWTH_RUN = ["epochs=4", "data.res=32", "precision=fp32", "checkpoint.every_epo
     "{op: mogrow, optimizer: carry, ema_decay: 0.9}",
 ])
 def test_resume_across_growth_is_bitwise_exact(demo_betons, tmp_path, growth, capsys):
-    """Resume just before the growth (epoch end) and just after it (mid-epoch, gates half open):
-    both end with the unbroken run's weights, optimizer state and EMA."""
+    """Resume just before the growth (epoch end) and just after it (mid-epoch, gates half open), where
+    the micro-batch also drops from 16 to 8 (accumulation 2 -> 4, the same 32 per step): both end
+    with the unbroken run's weights, optimizer state and EMA."""
     def run(run_dir):
         cfg = load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml",
                           demo_args(demo_betons, run_dir, *GROWTH_RUN, f"progressive.growth={growth}"))
@@ -64,9 +65,10 @@ def test_resume_across_growth_is_bitwise_exact(demo_betons, tmp_path, growth, ca
     straight = run(tmp_path / "straight")
     ckpts = checkpoint.list_checkpoints(tmp_path / "straight")
     assert len(ckpts) == 12  # 3 steps per epoch
+    assert logged(tmp_path / "straight", "stage/accum_steps") == [2, 4]
     at = {p: torch.load(p, weights_only=True) for p in ckpts}
-    before = next(p for p in ckpts if at[p]["progress"] == {"epoch": 2, "micro": 0, "step": 6})
-    after = next(p for p in ckpts if at[p]["progress"]["step"] == 7)
+    before = next(p for p in ckpts if at[p]["progress"] == {"epoch": 2, "micro": 0, "micro_batch": 16, "step": 6})
+    after = next(p for p in ckpts if at[p]["progress"] == {"epoch": 2, "micro": 4, "micro_batch": 8, "step": 7})
     assert at[before]["progressive"]["layer_plan"] == [0] and at[after]["progressive"]["layer_plan"] == [0, 1, 2, 3]
     for i, last in enumerate((before, after)):
         broken = tmp_path / f"broken{i}"
