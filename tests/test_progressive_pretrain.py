@@ -1,7 +1,11 @@
 """Progressive pretraining end to end on the demo .beton files: the CPU demo recipes, and resume
 across a growth and a micro-batch change that ends bitwise where an unbroken run ends."""
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,6 +92,36 @@ def test_resume_across_growth_is_bitwise_exact(demo_betons, tmp_path, growth, ca
         assert (pa["ema"] is None) == (pb["ema"] is None)
         if pa["ema"] is not None:
             assert all(torch.equal(pa["ema"][k], pb["ema"][k]) for k in pa["ema"])
+
+
+def test_ddp_growth_two_gloo_processes(demo_betons, tmp_path):
+    """The fast demo recipe on 2 CPU processes (gloo), grown from 1 to 4 zero-initialised blocks after
+    epoch 0 with the micro-batch halved: both ranks end with the same weights, so DDP was rebuilt with
+    the new blocks' parameters and averaged their gradients, and those blocks trained after growth."""
+    run_dir = tmp_path / "run"
+    with socket.socket() as sock:  # other test sessions may share the machine: no fixed port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "tests.ddp_probe", str(tmp_path), str(ROOT / "recipes/demo/pretrain_cpu_fast.yaml"),
+         *demo_args(demo_betons, run_dir, "batch_size=32", "epochs=2", "precision=fp32", "checkpoint.every_epochs=1",
+                    "progressive.stages=[{epoch: 0, res: 16, mask_ratio: 0.5, depth: 1},"
+                    " {epoch: 1, res: 32, mask_ratio: 0.75, depth: 4, micro_batch: 8}]")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert {rep["world"] for rep in reports} == {2} and {rep["steps"] for rep in reports} == {2 * (50 // 16)}
+    assert reports[0]["weights"] == reports[1]["weights"], "ranks ended with different weights"
+    assert logged(run_dir, "stage/accum_steps") == [1, 2]
+    pre, final = (torch.load(p, weights_only=True) for p in checkpoint.list_checkpoints(run_dir))
+    assert pre["progressive"]["layer_plan"] == [0] and final["progressive"]["layer_plan"] == [0, 1, 2, 3]
+    for b in (1, 2, 3):  # zeroed at the growth, then trained
+        for name in ("attn.proj.weight", "mlp.fc2.weight", "attn.qkv.weight"):
+            key = f"blocks.{b}.{name}"
+            assert not torch.equal(final["model"][key], pre["model"][key]), key
+        assert final["model"][f"blocks.{b}.attn.proj.weight"].abs().sum() > 0
 
 
 def _flatten(tree, prefix=""):
