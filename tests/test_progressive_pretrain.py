@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint, pretrain
-from fastssl.config import PretrainConfig, load_config
+from fastssl import checkpoint, export, linprobe, pretrain
+from fastssl.config import LinProbeConfig, PretrainConfig, load_config
+from fastssl.models import build_mae
 
 ROOT = Path(__file__).resolve().parents[1]
+LINPROBE = ROOT / "recipes/demo/linprobe_cpu.yaml"
 
 
 def demo_args(betons, run_dir, *extra):
@@ -122,6 +124,46 @@ def test_ddp_growth_two_gloo_processes(demo_betons, tmp_path):
             key = f"blocks.{b}.{name}"
             assert not torch.equal(final["model"][key], pre["model"][key]), key
         assert final["model"][f"blocks.{b}.attn.proj.weight"].abs().sum() > 0
+
+
+def test_probe_and_export_of_a_checkpoint_saved_before_the_growth(demo_betons, tmp_path, capsys):
+    """A checkpoint taken before the last growth holds all blocks, but only its layer plan trained:
+    the probe's encoder (shared by kNN, fine-tuning and export) runs just those blocks, as the MAE did."""
+    run_dir = tmp_path / "pre"
+    pretrain.run(load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml", demo_args(
+        demo_betons, run_dir, "epochs=2", "data.res=16", "precision=fp32", "checkpoint.keep_last=2",
+        "checkpoint.every_epochs=1", "progressive.growth={op: gated, gate_steps: 100}",
+        "progressive.stages=[{epoch: 0, depth: 1}, {epoch: 1, depth: 4}]")))
+    before, after = checkpoint.list_checkpoints(run_dir)
+    state = torch.load(before, weights_only=True)
+    assert state["progressive"]["layer_plan"] == [0]
+    capsys.readouterr()
+
+    def probe_encoder(init):
+        return linprobe.build_encoder(load_config(LinProbeConfig, LINPROBE, [
+            f"init={init}", f"data.train={demo_betons.train}", f"data.val={demo_betons.val}", "data.res=16"])).eval()
+
+    encoder = probe_encoder(before)
+    assert len(encoder.blocks) == 1
+    assert "runs 1 of its 4 encoder blocks" in capsys.readouterr().err
+    mae = build_mae("micro", patch_size=8)
+    mae.load_state_dict(state["model"])
+    mae.layer_plan = [0]
+    imgs = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():  # mask ratio 0 keeps every token (shuffled; the cls token does not care)
+        torch.testing.assert_close(encoder(imgs), mae.forward_encoder(imgs, 0.0)[0][:, 0])
+    assert len(probe_encoder(after).blocks) == 4  # grown, its new blocks' gates still opening
+    assert "gates of blocks [1, 2, 3] were still opening" in capsys.readouterr().err
+
+    meta = export.export(str(before), str(tmp_path / "enc.safetensors"), img_size=16)
+    kwargs = json.loads(meta["timm_kwargs"])
+    assert kwargs["depth"] == 1 and meta["timm_model"] == ""
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer
+
+    vit = VisionTransformer(**kwargs)
+    vit.load_state_dict(load_file(tmp_path / "enc.safetensors"), strict=True)
+    assert torch.equal(vit.blocks[0].attn.qkv.weight, state["model"]["blocks.0.attn.qkv.weight"])
 
 
 def _flatten(tree, prefix=""):
