@@ -4,8 +4,9 @@ a stage to the model and its optimizer.
 The engine asks `schedule(epoch)` at every epoch start, so a run resumed anywhere lands in the
 stage its epoch belongs to. A fixed-size run is one stage for all epochs. Two forms, combinable:
 ffcv-imagenet's linear resolution ramp, and explicit stages (resolution, depth, mask ratio, drop
-path, micro-batch) that start at given epochs. `couple_mask` picks each resolution's mask ratio so that the
-visible tokens per image stay those of the final stage (DailyMAE: 160/.51, 192/.66, 224/.75 keep 49).
+path, micro-batch) that start at given epochs. `couple_mask` picks each resolution's mask ratio so
+that the visible tokens per image stay those of the final stage (DailyMAE: 160/.51, 192/.66,
+224/.75 keep 49).
 """
 from __future__ import annotations
 
