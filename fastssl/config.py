@@ -166,6 +166,9 @@ class StageConfig:
     depth: Optional[int] = None  # executed encoder blocks
     mask_ratio: Optional[float] = None
     drop_path: Optional[float] = None
+    # per-process micro-batch; the global batch stays batch_size, so this stage accumulates
+    # batch_size / (world_size x micro_batch) micro-batches per step (null: batch_size / (world x accum_steps))
+    micro_batch: Optional[int] = None
 
 
 @dataclass
@@ -217,6 +220,16 @@ class PretrainConfig(RunConfig):
         from fastssl.progressive import from_config  # it imports this module
 
         from_config(self)  # every schedule mistake, before anything runs
+
+    def validate_world(self, world_size: int) -> None:
+        super().validate_world(world_size)
+        per = self.batch_size // world_size
+        allowed = ", ".join(str(d) for d in range(1, per + 1) if per % d == 0)
+        for i, st in enumerate(self.progressive.stages):
+            _check(st.micro_batch is None or per % st.micro_batch == 0,
+                   f"progressive.stages[{i}].micro_batch", st.micro_batch,
+                   f"must divide the per-process batch batch_size / world_size = {self.batch_size} / {world_size} "
+                   f"= {per} (allowed: {allowed})")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """The training loop shared by pretraining and evaluation heads.
 
-One optimizer step = `accum_steps` micro-batches; the LR follows a global per-step schedule; bf16
+One optimizer step = `accum_steps` micro-batches (a stage may split the same global batch into other
+micro-batches: `progressive.batch_split`); the LR follows a global per-step schedule; bf16
 autocast without a scaler (fp16 gets a GradScaler); DDP with no_sync on all but the last micro-batch;
 atomic checkpoints that a killed run resumes from bitwise-exactly (CPU): the data order and
 augmentations are functions of (seed, epoch, index), and every micro-batch reseeds torch's RNG from
@@ -23,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from fastssl import atomic, checkpoint, dist, optim, stop
 from fastssl.config import RunConfig, to_dict
 from fastssl.logger import RunLogger
-from fastssl.progressive import Schedule, Stage
+from fastssl.progressive import Schedule, Stage, batch_split
 
 
 class NonFiniteLoss(RuntimeError):
@@ -35,6 +36,7 @@ class EpochLoader(Protocol):
     def __iter__(self) -> Iterable: ...
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
     def set_resolution(self, res: int) -> None: ...
+    def set_batch_size(self, batch_size: int) -> None: ...
 
 
 class Stateful(Protocol):
@@ -60,6 +62,7 @@ class StageHook(Protocol):
 class Progress:
     epoch: int = 0  # the epoch in progress
     micro: int = 0  # micro-batches of that epoch already trained on
+    micro_batch: int = 0  # their size per process (0: unknown, a checkpoint older than per-stage sizes)
     step: int = 0  # optimizer steps since the start of training
 
 
@@ -109,6 +112,9 @@ def fit(
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    # Reseeding positions leave room for the most micro-batches any epoch has, so they never
+    # collide across stages; with one split throughout they are epoch * micro_per_epoch + i.
+    max_accum = max(batch_split(schedule(e), cfg, info.world_size)[1] for e in range(cfg.epochs))
     lr_at = optim.lr_schedule(cfg.optim, total_steps, warmup_steps, cfg.lr())
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
 
@@ -169,6 +175,12 @@ def fit(
     for epoch in range(progress.epoch, cfg.epochs):
         progress.epoch = epoch
         stage = schedule(epoch)
+        micro_batch, accum = batch_split(stage, cfg, info.world_size)
+        micro_per_epoch = steps_per_epoch * accum
+        if progress.micro and progress.micro_batch and progress.micro_batch != micro_batch:
+            # resumed mid-epoch with a recipe whose split changed: continue after the same samples
+            progress.micro = progress.micro * progress.micro_batch // micro_batch
+        progress.micro_batch = micro_batch
         changed = stages is not None and stages.enter(stage, progress.step)
         if step_model is None or changed:
             # DDP registers hooks on the parameters that need grads now; compiled code assumed the
@@ -179,8 +191,10 @@ def fit(
             ddp = DistributedDataParallel(model) if info.distributed else model
             step_model = torch.compile(ddp) if cfg.compile else ddp
         if stage != logged_stage:
-            logger.log({f"stage/{k}": v for k, v in vars(stage).items() if v is not None}, progress.step)
+            logger.log({**{f"stage/{k}": v for k, v in vars(stage).items() if v is not None},
+                        "stage/micro_batch": micro_batch, "stage/accum_steps": accum}, progress.step)
             logged_stage = stage
+        loader.set_batch_size(micro_batch)
         loader.set_resolution(stage.res)
         loader.set_epoch(epoch, start_batch=progress.micro)  # after a mid-epoch resume: the rest
         model.train()
@@ -188,17 +202,17 @@ def fit(
         for i, (imgs, labels) in enumerate(loader, start=progress.micro):
             if i >= micro_per_epoch:
                 break  # a partial accumulation window at the epoch end would skew the step
-            seed_position(cfg.seed, epoch * micro_per_epoch + i, info)
-            last_micro = (i + 1) % cfg.accum_steps == 0
-            if i % cfg.accum_steps == 0:
+            seed_position(cfg.seed, epoch * steps_per_epoch * max_accum + i, info)
+            last_micro = (i + 1) % accum == 0
+            if i % accum == 0:
                 factor = stages.lr_factor(progress.step) if stages is not None else 1.0
                 optim.set_lr(optimizer, lr_at(progress.step) * factor)
             sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp.no_sync()
             with sync:
                 with autocast(cfg.precision, info.device):
                     loss = loss_fn(step_model, imgs, labels, stage)
-                scaler.scale(loss / cfg.accum_steps).backward()
-            loss_sum += loss.detach().float() / cfg.accum_steps
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach().float() / accum
             progress.micro = i + 1
             if bar is not None:
                 bar.update(1)

@@ -23,9 +23,11 @@ from fastssl.models import get_size
 _TIMM_NAMES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
 
 
-def timm_kwargs(size: str, patch_size: int, img_size: int, global_pool: str, num_classes: int) -> dict:
+def timm_kwargs(size: str, patch_size: int, img_size: int, global_pool: str, num_classes: int,
+                depth: int | None = None) -> dict:
     s = get_size(size)
-    return dict(img_size=img_size, patch_size=patch_size, embed_dim=s.embed_dim, depth=s.depth,
+    return dict(img_size=img_size, patch_size=patch_size, embed_dim=s.embed_dim,
+                depth=s.depth if depth is None else depth,
                 num_heads=s.num_heads, mlp_ratio=s.mlp_ratio, global_pool=global_pool, num_classes=num_classes)
 
 
@@ -44,8 +46,11 @@ def export(ckpt: str, out: str, img_size: int = 224, head: bool = True, unsafe: 
     if num_classes:
         vit.head.load_state_dict({"weight": sd["head.weight"], "bias": sd["head.bias"]})
     tensors = {k: v.detach().contiguous() for k, v in vit.state_dict().items()}
-    kwargs = timm_kwargs(size, patch, img_size, pool, num_classes)
-    name = f"{_TIMM_NAMES[size]}_patch{patch}_{img_size}" if size in _TIMM_NAMES else ""
+    kwargs = timm_kwargs(size, patch, img_size, pool, num_classes, depth=len(vit.blocks))
+    # timm's names fix the depth: an encoder of another depth (a progressive checkpoint saved before
+    # its last growth, model.depth) is built from the kwargs
+    named = size in _TIMM_NAMES and len(vit.blocks) == get_size(size).depth
+    name = f"{_TIMM_NAMES[size]}_patch{patch}_{img_size}" if named else ""
     meta = {"source": str(ckpt), "timm_model": name, "timm_kwargs": json.dumps(kwargs)}
     from safetensors.torch import save_file
 

@@ -73,6 +73,9 @@ class FeatureLoader:
     def set_resolution(self, res: int) -> None:
         pass  # features have no resolution
 
+    def set_batch_size(self, batch_size: int) -> None:
+        self.batch_size = batch_size
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 

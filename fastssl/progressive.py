@@ -4,8 +4,9 @@ a stage to the model and its optimizer.
 The engine asks `schedule(epoch)` at every epoch start, so a run resumed anywhere lands in the
 stage its epoch belongs to. A fixed-size run is one stage for all epochs. Two forms, combinable:
 ffcv-imagenet's linear resolution ramp, and explicit stages (resolution, depth, mask ratio, drop
-path) that start at given epochs. `couple_mask` picks each resolution's mask ratio so that the
-visible tokens per image stay those of the final stage (DailyMAE: 160/.51, 192/.66, 224/.75 keep 49).
+path, micro-batch) that start at given epochs. `couple_mask` picks each resolution's mask ratio so
+that the visible tokens per image stay those of the final stage (DailyMAE: 160/.51, 192/.66,
+224/.75 keep 49).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 
 from fastssl import optim
-from fastssl.config import ConfigError, GrowthConfig, PretrainConfig, RampConfig, StageConfig
+from fastssl.config import ConfigError, GrowthConfig, PretrainConfig, RampConfig, RunConfig, StageConfig
 from fastssl.models import growth, len_keep
 from fastssl.models.sizes import get_size
 
@@ -28,6 +29,7 @@ class Stage:
     mask_ratio: float = 0.0
     depth: int | None = None  # executed encoder blocks; None: all of them
     drop_path: float | None = None  # stochastic depth of the last block; None: as built
+    micro_batch: int | None = None  # per process; None: the recipe's batch_size / (world x accum_steps)
 
 
 Schedule = Callable[[int], Stage]
@@ -36,6 +38,14 @@ Schedule = Callable[[int], Stage]
 def constant(res: int, mask_ratio: float = 0.0) -> Schedule:
     stage = Stage(res=res, mask_ratio=mask_ratio)
     return lambda epoch: stage
+
+
+def batch_split(stage: Stage, cfg: RunConfig, world_size: int) -> tuple[int, int]:
+    """(micro-batch per process, accumulation steps) in `stage`. Their product is the same in every
+    stage, so the global batch, the steps per epoch and the LR schedule do not depend on the split."""
+    per_step = cfg.batch_size // world_size
+    micro = stage.micro_batch or per_step // cfg.accum_steps
+    return micro, per_step // micro
 
 
 def ramp_res(epoch: int, ramp: RampConfig) -> int:
@@ -125,9 +135,13 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
             raise _err(f"{key}.mask_ratio", it.mask_ratio, "must be in [0, 1)")
         if it.drop_path is not None and not 0.0 <= it.drop_path < 1.0:
             raise _err(f"{key}.drop_path", it.drop_path, "must be in [0, 1)")
+        if it.micro_batch is not None and not (it.micro_batch > 0 and cfg.batch_size % it.micro_batch == 0):
+            # the per-process batch (batch_size / world_size) is checked once the world is known
+            raise _err(f"{key}.micro_batch", it.micro_batch, f"must be > 0 and divide batch_size={cfg.batch_size}")
         stage = Stage(res=res, depth=depth,
                       mask_ratio=it.mask_ratio if it.mask_ratio is not None else prev.mask_ratio,
-                      drop_path=it.drop_path if it.drop_path is not None else prev.drop_path)
+                      drop_path=it.drop_path if it.drop_path is not None else prev.drop_path,
+                      micro_batch=it.micro_batch if it.micro_batch is not None else prev.micro_batch)
         if i and depth > prev.depth and prev.depth == 0 and p.growth.op in growth.COPYING_OPS:
             raise _err("progressive.growth.op", p.growth.op,
                        f"copies existing blocks, but stage {i - 1} has none (depth 0): use zero or gated")

@@ -116,7 +116,7 @@ def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, ke
     `size`; `state`: the file's contents when already read). `vit_kwargs` go to `build_vit_encoder`
     (num_classes, global_pool, drop_path, img_size)."""
     if init != "random":
-        state = _plain(state if state is not None else read(init, key, unsafe), init, key)
+        state = _planned(_plain(state if state is not None else read(init, key, unsafe), init, key), init, key)
         vit_kwargs.setdefault("depth", _depth(model_state(state)))
         found = vit_arch(state, init, key)
         if found != (size, patch_size):
@@ -145,6 +145,31 @@ def _plain(state: dict, path: str, key: str) -> dict:
         return {"model": plain_state_dict(sd)}
     except ValueError as e:
         raise ConfigError(f"{key}={path!r}: {e}") from None
+
+
+def _planned(state: dict, path: str, key: str) -> dict:
+    """A progressive pretraining checkpoint as the encoder it ran: position j holds block
+    `layer_plan[j]`. Taken before the last growth, it also holds blocks that never trained, which
+    are left out; others as is."""
+    prog = state.get("progressive")
+    if not isinstance(prog, dict) or "layer_plan" not in prog:
+        return state
+    sd, plan = model_state(state), [int(b) for b in prog["layer_plan"]]
+    step, gate_steps = state["progress"]["step"], state["config"]["progressive"]["growth"]["gate_steps"]
+    ramping = sorted(b for b, start in prog["gate_start"].items() if step - start < gate_steps)
+    if ramping:  # m block(h) + (1 - m) h has no plain-ViT form
+        print(f"{key}: {path} was saved while the gates of blocks {ramping} were still opening; the "
+              f"ViT runs them fully open", file=sys.stderr)
+    depth = _depth(sd)
+    if plan == list(range(depth)):
+        return state
+    print(f"{key}: {path} runs {len(plan)} of its {depth} encoder blocks (progressive layer_plan {plan}, "
+          f"saved before a growth); using those", file=sys.stderr)
+    out = {k: v for k, v in sd.items() if not k.startswith("blocks.")}
+    for j, b in enumerate(plan):
+        prefix = f"blocks.{b}."
+        out.update({f"blocks.{j}.{k[len(prefix):]}": v for k, v in sd.items() if k.startswith(prefix)})
+    return {"model": out}
 
 
 def load_mae(mae: nn.Module, state: dict, path: str = "", key: str = "init") -> None:

@@ -25,6 +25,9 @@ class TensorLoader:
     def set_resolution(self, res):
         pass
 
+    def set_batch_size(self, batch_size):
+        self.batch = batch_size
+
     def __iter__(self):
         for i in range(self.start, len(self)):
             s = slice(i * self.batch, (i + 1) * self.batch)
@@ -35,11 +38,13 @@ def mse(m, x, y, stage):
     return ((m(x) - y) ** 2).mean()
 
 
-def run(tmp_path, *, batch, accum=1, epochs=1, clip=None, lr=0.1, warmup=0.0, n=16, record=None):
+def run(tmp_path, *, batch, accum=1, epochs=1, clip=None, lr=0.1, warmup=0.0, n=16, record=None, micro=None,
+        every_steps=0):
     cfg = RunConfig(run_dir=str(tmp_path), epochs=epochs, batch_size=batch * accum, accum_steps=accum,
                     precision="fp32")
     cfg.optim.lr, cfg.optim.clip_grad, cfg.optim.warmup_epochs = lr, clip, warmup
     cfg.log.progress, cfg.log.every_steps = False, 1
+    cfg.checkpoint.every_steps, cfg.checkpoint.keep_last = every_steps, 100
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     x, y = torch.randn(n, 4) * 10, torch.randn(n, 1)
@@ -55,7 +60,8 @@ def run(tmp_path, *, batch, accum=1, epochs=1, clip=None, lr=0.1, warmup=0.0, n=
         opt.step = recording_step
     logger = RunLogger(tmp_path, {}, enabled=False, wandb="disabled", project="t")
     info = dist.DistInfo()
-    engine.fit(cfg, info, model, opt, TensorLoader(x, y, batch), mse, progressive.constant(32), logger)
+    stage = progressive.Stage(res=32, micro_batch=micro)
+    engine.fit(cfg, info, model, opt, TensorLoader(x, y, batch), mse, lambda epoch: stage, logger)
     return model
 
 
@@ -74,6 +80,29 @@ def test_accumulation_equals_the_big_batch(tmp_path):
     assert len(big) == len(small) == 2
     for a, b in zip(big, small):
         torch.testing.assert_close(a["grad"], b["grad"])
+
+
+def test_stage_micro_batch_splits_the_same_step(tmp_path):
+    big, split = [], []
+    run(tmp_path / "a", batch=8, record=big)
+    run(tmp_path / "b", batch=8, micro=2, record=split)  # 4 micro-batches per step, same 2 steps
+    assert len(big) == len(split) == 2
+    for a, b in zip(big, split):
+        torch.testing.assert_close(a["grad"], b["grad"])
+
+
+def test_resume_mid_epoch_after_the_split_changed(tmp_path):
+    """A recipe edited before resuming (a smaller micro-batch after an OOM, here larger): the epoch
+    continues after the samples already trained on, in whole steps."""
+    straight = run(tmp_path / "a", batch=8, n=32, micro=2)  # 4 steps
+    run(tmp_path / "b", batch=8, n=32, micro=2, every_steps=1)
+    for p in checkpoint.list_checkpoints(tmp_path / "b")[2:]:
+        p.unlink()  # killed after step 2, 8 micro-batches of 2 into the epoch
+    seen = []
+    resumed = run(tmp_path / "b", batch=8, n=32, micro=4, record=seen)
+    assert len(seen) == 2  # steps 3 and 4: samples 16..31 in micro-batches of 4
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
 
 
 def test_lr_warms_up_then_follows_cosine(tmp_path):

@@ -73,6 +73,22 @@ def test_epoch_batches_depend_only_on_seed_and_epoch(demo_betons, pretrain):
     assert not _same(seen[1], seen[2])
 
 
+def test_set_batch_size_regroups_the_same_epoch(demo_betons):
+    """A progressive stage's micro-batch: the same samples and crops, in batches of the new size, from
+    the next epoch on, and a mid-epoch start counts batches of the new size."""
+    loader = make_pretrain_loader(demo_betons.train, BATCH, res=24, num_workers=1, seed=7)
+    small = _epoch(loader, 1)
+    loader.set_batch_size(2 * BATCH)
+    assert len(loader) == 100 // (2 * BATCH) and loader.batch_size == 2 * BATCH
+    large = _epoch(loader, 1)
+    pairs = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(small[::2], small[1::2])]
+    assert len(large) == 3 and _same(large, pairs)
+    loader.set_epoch(1, start_batch=2)
+    assert _same(list(loader), large[2:])
+    loader.set_batch_size(BATCH)
+    assert _same(_epoch(loader, 1), small)
+
+
 def _pixel_total(loader, epoch: int) -> int:
     """Order-free fingerprint of an epoch's augmented images (exact integer sum)."""
     return sum(int(_denormalise(x).round().to(torch.int64).sum()) for x, _ in _epoch(loader, epoch))

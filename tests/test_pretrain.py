@@ -42,7 +42,7 @@ def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
     assert progress.epoch == 3 and progress.step > 0
     state = checkpoint.load_latest(run_dir)
     assert set(state) >= {"model", "optimizer", "scaler", "progress", "config"}
-    assert state["progress"] == {"epoch": 3, "micro": 0, "step": progress.step}
+    assert state["progress"] == {"epoch": 3, "micro": 0, "micro_batch": 32, "step": progress.step}
     assert len(checkpoint.list_checkpoints(run_dir)) == 2  # keep_last=2 of the 3 epoch checkpoints
     assert json.loads((run_dir / "config.json").read_text())["data"]["res"] == 32
     losses = [r["train/loss"] for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())

@@ -57,6 +57,7 @@ def test_ramp_with_depth_stages_and_coupling():
     ("progressive.stages=[{epoch: 0, depth: 0}, {epoch: 9, depth: 12}]", "progressive.growth.op='stack'"),
     ("progressive.ramp={min_res: 224, max_res: 160}", "ramp.max_res=160: must be >= min_res=224"),
     ("progressive.ramp={min_res: 150, max_res: 224}", "ramp.min_res=150: must be a positive multiple"),
+    ("progressive.stages=[{epoch: 0, micro_batch: 384}]", "stages[0].micro_batch=384: must be > 0 and divide batch_size=4096"),
 ])
 def test_bad_schedules_are_one_line_config_errors(override, message):
     extra = ["progressive.growth.op=stack"] if "stack" in message else []
@@ -74,6 +75,23 @@ def test_bad_schedule_exits_2_before_anything_runs(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.startswith("error: progressive.stages[0].depth=13")
     assert not (tmp_path / "run").exists()
+
+
+def test_stage_micro_batch_keeps_the_global_batch():
+    cfg = cfg_of("accum_steps=2", "progressive.stages=[{epoch: 0, res: 128, micro_batch: 512}, {epoch: 10}, "
+                 "{epoch: 20, res: 224, micro_batch: 128}]")
+    s = progressive.from_config(cfg)
+    splits = [progressive.batch_split(s(e), cfg, world_size=8) for e in (0, 15, 20)]
+    assert splits == [(512, 1), (512, 1), (128, 4)]  # null inherits; 8 x micro x accum = 4096 throughout
+    assert progressive.batch_split(progressive.Stage(224), cfg, world_size=8) == (256, 2)  # the recipe's
+    cfg.validate_world(8)
+    with pytest.raises(ConfigError) as e:
+        cfg.validate_world(16)  # 256 per process: a micro-batch of 512 cannot split it
+    assert str(e.value) == ("progressive.stages[0].micro_batch=512: must divide the per-process batch "
+                            "batch_size / world_size = 4096 / 16 = 256 (allowed: 1, 2, 4, 8, 16, 32, 64, 128, 256)")
+    # FLOPs per image do not depend on how a batch is split
+    plain = cfg_of("accum_steps=2", "progressive.stages=[{epoch: 0, res: 128}, {epoch: 20, res: 224}]")
+    assert flops.recipe_flops(cfg)["total"] == flops.recipe_flops(plain)["total"]
 
 
 # ---- growth --------------------------------------------------------------------------------------

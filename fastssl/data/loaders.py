@@ -52,6 +52,12 @@ class FFCVLoader:
         """Output size for the next epoch; no rebuild (ffcv re-allocates buffers at each epoch)."""
         self.decoder.output_size = (int(res), int(res))
 
+    def set_batch_size(self, batch_size: int) -> None:
+        """Batch size from the next epoch on (a progressive stage's micro-batch); no rebuild: ffcv
+        allocates its batch buffers per epoch. Samples keep their augmentation (seeded per sample),
+        so a different batch size regroups the same epoch, with `len` following."""
+        self.loader.batch_size = int(batch_size)
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """The next ``iter()`` yields epoch ``epoch``'s batches from batch ``start_batch`` on, whatever
         ran before. Skipped batches are not decoded, and the rest are bitwise those of a full epoch

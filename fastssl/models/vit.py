@@ -36,7 +36,7 @@ def build_vit_encoder(
         num_classes=num_classes,
         global_pool=global_pool,
         embed_dim=s.embed_dim,
-        depth=depth or s.depth,
+        depth=s.depth if depth is None else depth,  # 0: a progressive encoder before its first block
         num_heads=s.num_heads,
         mlp_ratio=s.mlp_ratio,
         qkv_bias=True,
