@@ -166,7 +166,7 @@ def fit(
             )
         elapsed = time.perf_counter() - t_log
         logger.log({"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
-                    "img_per_s": n_logged * cfg.batch_size / cfg.accum_steps / max(elapsed, 1e-9)},
+                    "img_per_s": n_logged * cfg.batch_size / max(elapsed, 1e-9)},
                    progress.step)
         loss_sum.zero_()
         n_logged, t_log = 0, time.perf_counter()
