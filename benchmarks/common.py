@@ -5,11 +5,18 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fail(msg: str) -> NoReturn:
+    """A bad command-line value: one line on stderr, exit 2 (as argparse does)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def machine() -> dict:
@@ -30,7 +37,12 @@ def measure(run: Callable[[], int], runs: int) -> dict:
         t = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - t))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": runs}
+    return summarize(rates)
+
+
+def summarize(values: list[float]) -> dict:
+    """Median, min, max and count of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def measure_interleaved(jobs: dict[str, Callable[[], int]], runs: int) -> dict[str, dict]:
@@ -39,13 +51,12 @@ def measure_interleaved(jobs: dict[str, Callable[[], int]], runs: int) -> dict[s
     for _ in range(runs):
         for k, run in jobs.items():
             rates[k].append(measure(run, 1)["median"])
-    return {k: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": runs}
-            for k, r in rates.items()}
+    return {k: summarize(r) for k, r in rates.items()}
 
 
-def fmt_rate(m: dict) -> str:
+def fmt_rate(m: dict, digits: int = 0) -> str:
     spread = (m["max"] - m["min"]) / m["median"] * 100 if m["median"] else 0.0
-    return f"{m['median']:.0f} ±{spread / 2:.0f}%"
+    return f"{m['median']:.{digits}f} ±{spread / 2:.0f}%"
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
