@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Callable, NoReturn
 
+from fastssl import atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -71,10 +73,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
 def write_results(name: str, payload: dict, bars: dict[str, float] | None = None) -> Path:
     """``results/<name>.json`` (atomically) and, given ``bars`` (label -> value), ``results/<name>.png``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
-    os.replace(tmp, out)
+    out = atomic.write_text(RESULTS / f"{name}.json", json.dumps({"machine": machine(), **payload}, indent=1))
     if bars:
         _bar_png(RESULTS / f"{name}.png", name, bars)
     return out
@@ -94,6 +93,5 @@ def _bar_png(path: Path, title: str, bars: dict[str, float]) -> None:
         d.text((8, y + 3), label[:40], fill="black")
         d.rectangle([left, y, left + int(width * v / top), y + row - 6], fill=(70, 110, 180))
         d.text((left + int(width * v / top) + 6, y + 3), f"{v:.3g}", fill="black")
-    tmp = path.with_suffix(".png.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        img.save(tmp, format="PNG")
