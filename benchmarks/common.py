@@ -5,11 +5,20 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NoReturn
+
+from fastssl import atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def fail(msg: str) -> NoReturn:
+    """A bad command-line value: one line on stderr, exit 2 (as argparse does)."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def machine() -> dict:
@@ -30,7 +39,12 @@ def measure(run: Callable[[], int], runs: int) -> dict:
         t = time.perf_counter()
         n = run()
         rates.append(n / (time.perf_counter() - t))
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "runs": runs}
+    return summarize(rates)
+
+
+def summarize(values: list[float]) -> dict:
+    """Median, min, max and count of repeated measurements."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "runs": len(values)}
 
 
 def measure_interleaved(jobs: dict[str, Callable[[], int]], runs: int) -> dict[str, dict]:
@@ -39,13 +53,12 @@ def measure_interleaved(jobs: dict[str, Callable[[], int]], runs: int) -> dict[s
     for _ in range(runs):
         for k, run in jobs.items():
             rates[k].append(measure(run, 1)["median"])
-    return {k: {"median": statistics.median(r), "min": min(r), "max": max(r), "runs": runs}
-            for k, r in rates.items()}
+    return {k: summarize(r) for k, r in rates.items()}
 
 
-def fmt_rate(m: dict) -> str:
+def fmt_rate(m: dict, digits: int = 0) -> str:
     spread = (m["max"] - m["min"]) / m["median"] * 100 if m["median"] else 0.0
-    return f"{m['median']:.0f} ±{spread / 2:.0f}%"
+    return f"{m['median']:.{digits}f} ±{spread / 2:.0f}%"
 
 
 def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
@@ -60,10 +73,7 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
 def write_results(name: str, payload: dict, bars: dict[str, float] | None = None) -> Path:
     """``results/<name>.json`` (atomically) and, given ``bars`` (label -> value), ``results/<name>.png``."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
-    os.replace(tmp, out)
+    out = atomic.write_text(RESULTS / f"{name}.json", json.dumps({"machine": machine(), **payload}, indent=1))
     if bars:
         _bar_png(RESULTS / f"{name}.png", name, bars)
     return out
@@ -83,6 +93,5 @@ def _bar_png(path: Path, title: str, bars: dict[str, float]) -> None:
         d.text((8, y + 3), label[:40], fill="black")
         d.rectangle([left, y, left + int(width * v / top), y + row - 6], fill=(70, 110, 180))
         d.text((left + int(width * v / top) + 6, y + 3), f"{v:.3g}", fill="black")
-    tmp = path.with_suffix(".png.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        img.save(tmp, format="PNG")

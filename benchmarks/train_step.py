@@ -13,25 +13,27 @@ same `build_mae(size)` weights:
   reported apart from the steady-state rate.
 
 Runs are interleaved variant by variant (shared machines are noisy): each figure is the median of
-``--runs`` runs with its spread. MFU = model FLOPs (the per-block formula of REFERENCES.md: encoder
-on the visible tokens, decoder on all tokens, forward + backward = 3x forward) / step time / peak,
-where the peak is a bf16 (or fp32) matmul rate measured by this script on the same device; on a GPU
-the JSON also gives MFU against the nominal dense bf16 peak. Only torch, timm and einops are
-imported (through ``fastssl.models``), so this runs on a GPU machine without ffcv.
+``--runs`` runs with its spread. MFU = model FLOPs (`fastssl.flops`, as the recipes' FLOPs are
+counted: every matmul of the encoder on the visible tokens and of the decoder on all tokens, forward
++ backward = 3x forward) / step time / peak, where the peak is a bf16 (or fp32) matmul rate measured
+by this script on the same device; on a GPU the JSON also gives MFU against the nominal dense bf16
+peak. Beyond torch, timm and einops only pyyaml is imported (`fastssl.flops` reads recipes), never
+ffcv, submitit or wandb, so this runs on the GPU machine with synthetic data.
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from fastssl.models import build_mae, get_size, len_keep
+from fastssl import flops
+from fastssl.models import build_mae, get_size
+from fastssl.progressive import Stage
 
-from .common import fmt_rate, measure_interleaved, print_table, write_results
+from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 
 NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense, SXM
 MASK_RATIO = 0.75
@@ -62,18 +64,9 @@ def set_fused_attn(model: torch.nn.Module, fused: bool) -> None:
             m.fused_attn = fused
 
 
-def block_flops(tokens: int, dim: int, mlp_ratio: float = 4.0) -> float:
-    """Forward FLOPs of one transformer block: qkv + proj + MLP matmuls, plus q@k^T and attn@v."""
-    return 2 * ((4 + 2 * mlp_ratio) * tokens * dim**2 + 2 * tokens**2 * dim)
-
-
-def mae_train_flops(size: str, res: int, mask_ratio: float = MASK_RATIO) -> float:
-    """Forward + backward FLOPs per image (3x forward) of the encoder and decoder blocks."""
-    s = get_size(size)
-    patches = (res // s.patch_size) ** 2
-    enc = s.depth * block_flops(1 + len_keep(patches, mask_ratio), s.embed_dim, s.mlp_ratio)
-    dec = s.decoder_depth * block_flops(1 + patches, s.decoder_embed_dim, s.mlp_ratio)
-    return 3 * (enc + dec)
+def mae_train_flops(size: str, res: int, mask_ratio: float = MASK_RATIO) -> int:
+    """Forward + backward FLOPs per image, as `python -m fastssl.flops` counts a recipe's."""
+    return flops.train_flops_per_image(size, get_size(size).patch_size, Stage(res, mask_ratio))
 
 
 def _sync(device: torch.device) -> None:
@@ -168,9 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             get_size(s)
         except ValueError as e:
-            sys.exit(f"error: --sizes: {e}")
+            fail(f"--sizes: {e}")
     if a.res % 16 or a.res < 32:
-        sys.exit(f"error: --res {a.res}: must be a multiple of 16, >= 32")
+        fail(f"--res {a.res}: must be a multiple of 16, >= 32")
     batch = a.batch or (256 if gpu else 4 if a.quick else 8)
     steps = a.steps or (20 if gpu else 2 if a.quick else 3)
     if gpu:
@@ -187,18 +180,18 @@ def main(argv: list[str] | None = None) -> dict:
     for size in sizes:
         # CPU compilation of the larger models takes minutes: --quick compiles micro only
         variants = tuple(v for v in VARIANTS if not (v.compile and a.quick and not gpu and size != "micro"))
-        flops = mae_train_flops(size, a.res)
+        img_flops = mae_train_flops(size, a.res)
         stats = bench_size(size, a.res, batch, steps, a.runs, variants, device)
         floor = stats["naive"]["median"]
         for k, m in stats.items():
             v = next(v for v in variants if v.name == k)
-            m["mfu"] = m["median"] * flops / peak["bf16" if v.bf16 else "fp32"]
+            m["mfu"] = m["median"] * img_flops / peak["bf16" if v.bf16 else "fp32"]
             if nominal:
-                m["mfu_nominal"] = m["median"] * flops / nominal
+                m["mfu_nominal"] = m["median"] * img_flops / nominal
             compile_s = f"{m['warmup_s']:.0f}" if v.compile else "-"
             rows.append([size, k, fmt_rate(m), f"{m['median'] / floor:.2f}x", f"{100 * m['mfu']:.1f}%",
                          compile_s])
-        results["sizes"][size] = {"train_gflops_per_image": flops / 1e9, "variants": stats}
+        results["sizes"][size] = {"train_gflops_per_image": img_flops / 1e9, "variants": stats}
     peak_txt = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in peak.items())
     table = print_table(f"MAE train step img/s ({device}, {a.res} px, batch {batch}, mask {MASK_RATIO}; "
                         f"measured matmul TFLOP/s: {peak_txt})",

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fastssl import atomic
 from fastssl.data.classes import classes_path, read_class_file, read_classes, write_classes
 from fastssl.data.imagefolder import (DatasetError, Listing, check_image, list_class_folders, list_flat,
                                       load_rgb)
@@ -239,14 +240,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
     for w in warnings:
         log(f"warning: {w}")
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     log(f"writing {len(good)} images to {out} ({opts.write_mode}, {workers} workers)")
-    try:
+    with atomic.replacing(out) as tmp:
         _write_beton(tmp, good, opts, workers, chunk_size)
         write_classes(classes_path(out), listing.classes)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return Summary(out, len(good), listing.classes, out.stat().st_size, time.time() - t0, opts,
                    skipped, warnings)
 

@@ -1,13 +1,38 @@
-"""Small files written whole or not at all: a reader (or a resumed job) never sees half a file."""
+"""Files written whole or not at all: a reader (or a resumed job) never sees half a file."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path` for the caller to write; when the block ends, fsync it, rename
+    it to `path` and fsync the folder. On any error (KeyboardInterrupt included) the temp is removed
+    and `path` is left as it was. A path, not a file object, so that writers that open files by
+    name (torch.save, safetensors, PIL, ffcv's writer) can write into it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # same folder: the rename stays atomic
+    try:
+        yield tmp
+        _fsync(tmp)  # the data reaches the disk before the new name does
+        os.replace(tmp, path)
+        _fsync(path.parent)  # and the rename itself survives a crash
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with replacing(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -5,13 +5,14 @@ values so that `torch.load(weights_only=True)` can read it: no pickled code runs
 """
 from __future__ import annotations
 
-import os
 import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastssl import atomic
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -23,20 +24,8 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 def atomic_torch_save(obj: Any, path: Path) -> None:
     """Write to a temp file beside `path`, fsync, rename, fsync the folder: never a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic.replacing(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def save(state: dict, run_dir: str | Path, step: int, keep_last: int) -> Path:

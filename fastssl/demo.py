@@ -22,10 +22,12 @@ def sh(*args: str) -> None:
     subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
 
 
-def make_demo_betons(data: Path) -> tuple[Path, Path]:
-    """The demo images and their train/val .beton files under `data` (kept if already there)."""
+def make_demo_betons(data: Path, per_class: int | None = None) -> tuple[Path, Path]:
+    """The demo images (`per_class` digits of each class, None: all) and their train/val .beton
+    files under `data` (kept if already there)."""
     train, val = data / "train.beton", data / "val.beton"
-    sh("data_prep/make_demo_dataset.py", "--out", str(data / "images"))
+    subset = ["--per-class", str(per_class)] if per_class else []
+    sh("data_prep/make_demo_dataset.py", "--out", str(data / "images"), *subset)
     for split, beton in (("train", train), ("val", val)):
         if not beton.exists():
             sh("data_prep/write_ffcv.py", "--src", str(data / "images" / split), "--out", str(beton),

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch
 
-from fastssl import weights
+from fastssl import atomic, weights
 from fastssl.config import ConfigError
 from fastssl.models import get_size
 
@@ -55,12 +54,8 @@ def export(ckpt: str, out: str, img_size: int = 224, head: bool = True, unsafe: 
     from safetensors.torch import save_file
 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp{os.getpid()}")
-    try:
+    with atomic.replacing(out) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return meta
 
 

@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from fastssl import atomic
+
 _CHUNK = 16 << 20
 
 
@@ -43,17 +45,11 @@ def stage(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
         if dest.is_file() and marker.is_file() and dest.stat().st_size == st.st_size:
             if {k: v for k, v in json.loads(marker.read_text()).items() if k != "sha256"} == want:
                 return dest
-        tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-        try:
+        with atomic.replacing(dest) as tmp:
             digest = _copy_hashing(src, tmp)
             if tmp.stat().st_size != st.st_size or sha256(tmp) != digest:
                 raise StagingError(f"staging {src} to {dest_dir}: the copy differs from the source")
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
-        marker_tmp = marker.with_name(f".{marker.name}.tmp{os.getpid()}")
-        marker_tmp.write_text(json.dumps({**want, "sha256": digest}))
-        os.replace(marker_tmp, marker)
+        atomic.write_text(marker, json.dumps({**want, "sha256": digest}))
     return dest
 
 
@@ -64,6 +60,4 @@ def _copy_hashing(src: Path, dst: Path) -> str:
         while chunk := fi.read(_CHUNK):
             h.update(chunk)
             fo.write(chunk)
-        fo.flush()
-        os.fsync(fo.fileno())
     return h.hexdigest()

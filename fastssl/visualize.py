@@ -1,11 +1,12 @@
 """Reconstruction grids people can look at: original | masked | reconstruction, one row per image."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from PIL import Image
+
+from fastssl import atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -42,7 +43,6 @@ def save_reconstructions(model, imgs: torch.Tensor, mask_ratio: float, path: str
     array = (picture.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
     return path
