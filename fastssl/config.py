@@ -136,9 +136,14 @@ class KNNConfig:
     k: int = 20
     temperature: float = 0.07
     batch_size: int = 256  # per process, for feature extraction
+    # memory bank: null = the whole train split; N = a seeded N images of each class (DINOv2's
+    # n_per_class), e.g. 100 on ImageNet: a 100k bank, a twelfth of the per-epoch monitor's encoding
+    bank_per_class: Optional[int] = None
 
     def validate(self) -> None:
         _check(self.every_epochs >= 0, "knn.every_epochs", self.every_epochs, "must be >= 0")
+        _check(self.bank_per_class is None or self.bank_per_class >= 1, "knn.bank_per_class",
+               self.bank_per_class, "must be >= 1, or null for the whole train split")
         _check(self.k >= 1, "knn.k", self.k, "must be >= 1")
         _check(self.temperature > 0, "knn.temperature", self.temperature, "must be > 0")
         _check(self.batch_size >= 1, "knn.batch_size", self.batch_size, "must be >= 1")

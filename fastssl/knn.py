@@ -13,7 +13,7 @@ from torch import nn
 
 from fastssl import cli, dist, engine, evaluation, weights
 from fastssl.config import KNNConfig, KNNRunConfig, RunConfig, to_dict
-from fastssl.data import make_eval_loader, num_classes
+from fastssl.data import make_eval_loader, num_classes, subset
 from fastssl.logger import RunLogger
 from fastssl.models import MaskedAutoencoderViT
 
@@ -69,24 +69,29 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats
 
 def knn_eval(model: nn.Module, train_loader, val_loader, n_classes: int, info: dist.DistInfo,
              precision: str, knn: KNNConfig) -> dict:
-    """{'knn/top1', 'knn/top5', 'knn/n'} on the val split, the train split as the memory bank."""
+    """{'knn/top1', 'knn/top5', 'knn/n', 'knn/bank'} on the val split, `train_loader`'s images as the
+    memory bank."""
     bank, bank_labels = extract(model, train_loader, info, precision)
     bank, bank_labels = _gather(bank), _gather(bank_labels)
     queries, labels = extract(model, val_loader, info, precision)
     scores = knn_scores(bank, bank_labels, queries.to(bank.dtype), n_classes, knn.k, knn.temperature)
-    return evaluation.to_metrics(evaluation.topk_hits(scores, labels), info, "knn")[0]
+    return {**evaluation.to_metrics(evaluation.topk_hits(scores, labels), info, "knn")[0], "knn/bank": len(bank)}
 
 
-def eval_loaders(cfg: RunConfig, info: dist.DistInfo, batch_size: int):
-    """Centre-crop loaders over the train split (the bank) and the val split (the queries)."""
-    kw = dict(batch_size=batch_size, res=cfg.data.res, num_workers=cfg.data.num_workers,
+def eval_loaders(cfg: RunConfig, info: dist.DistInfo, knn: KNNConfig):
+    """Centre-crop loaders over the train split (the bank: all of it, or `knn.bank_per_class` images
+    of each class drawn from `cfg.seed`, the same at every epoch) and the val split (the queries)."""
+    kw = dict(batch_size=knn.batch_size, res=cfg.data.res, num_workers=cfg.data.num_workers,
               distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache)
-    return make_eval_loader(cfg.data.train, **kw), make_eval_loader(cfg.data.val, **kw)
+    bank = None
+    if knn.bank_per_class is not None:
+        bank = subset.per_class(subset.read_labels(cfg.data.train), knn.bank_per_class, cfg.seed)
+    return make_eval_loader(cfg.data.train, indices=bank, **kw), make_eval_loader(cfg.data.val, **kw)
 
 
 def epoch_hook(cfg: RunConfig, knn: KNNConfig, info: dist.DistInfo):
     """An `engine.fit` epoch-end hook running the monitor every `knn.every_epochs` (all processes)."""
-    train, val = eval_loaders(cfg, info, knn.batch_size)
+    train, val = eval_loaders(cfg, info, knn)
     n_classes = num_classes(cfg.data.train)
 
     def hook(epoch: int, model: nn.Module) -> dict:
@@ -105,7 +110,7 @@ def run(cfg: KNNRunConfig) -> dict:
     encoder = weights.build_vit(cfg.init, size=cfg.model.size, patch_size=cfg.model.patch_size,
                                 unsafe=cfg.init_unsafe, num_classes=0, global_pool=cfg.global_pool,
                                 img_size=cfg.data.res).to(info.device)
-    train, val = eval_loaders(cfg, info, cfg.knn.batch_size)
+    train, val = eval_loaders(cfg, info, cfg.knn)
     run_dir = engine.prepare_run_dir(cfg, info)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
     try:

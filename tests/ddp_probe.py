@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from fastssl import engine
 
@@ -21,6 +24,8 @@ def _recording_fit(report: dict):
         progress = real_fit(cfg, info, model, optimizer, loader, *args, **kwargs)
         h = hashlib.sha256()
         for name, t in sorted(model.state_dict().items()):
+            if not isinstance(t, torch.Tensor):
+                continue  # a ScaleNet spec
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
         report.update(rank=info.rank, world=info.world_size, per_process_batch=loader.batch_size,
@@ -29,6 +34,14 @@ def _recording_fit(report: dict):
         return progress
 
     engine.fit = fit
+
+
+def torchrun(module: str, *args: str, port: int, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --nproc-per-node 2 -m MODULE ARGS` from the repo root (gloo on CPU)."""
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", module, *args], cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True,
+        text=True, timeout=180)
 
 
 def run_job(recipe: str, overrides: list[str]) -> dict:

@@ -43,6 +43,8 @@ def test_every_recipe_loads(recipe):
     (["optim.betas=[0.9]"], "optim.betas=[0.9]: expected a list of 2"),
     (["precision=fp8"], "precision='fp8': must be one of fp32, bf16, fp16"),
     (["noequals"], "expected key=value"),
+    (["knn.bank_per_class=0"], "knn.bank_per_class=0: must be >= 1, or null for the whole train split"),
+    (["knn.bank_per_class=some"], "knn.bank_per_class='some': expected an integer"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -1,4 +1,6 @@
 """Continued MAE pretraining of a ScaleNet-expanded checkpoint through `fastssl.pretrain`."""
+import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,8 @@ from fastssl.config import ConfigError, LinProbeConfig, PretrainConfig, load_con
 from fastssl.expand import main as expand_main
 from fastssl.models import build_mae, scalenet
 
-from test_pretrain import LINPROBE, PRETRAIN, small
+from tests import ddp_probe
+from test_pretrain import LINPROBE, PRETRAIN, ROOT, small
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +66,27 @@ def test_linear_probe_of_a_continued_expanded_run(demo_betons, tmp_path, expande
     encoder = linprobe.build_encoder(cfg)
     assert len(encoder.blocks) == 6  # the plain export of the 6 positions
     assert 0 <= linprobe.run(cfg)["val/top1"] <= 100
+
+
+def test_continue_pretraining_under_two_process_ddp(demo_betons, tmp_path, expanded):
+    run_dir = tmp_path / "run"
+    r = ddp_probe.torchrun("tests.ddp_scalenet_probe", str(tmp_path), str(PRETRAIN),
+                           *small(demo_betons, run_dir, f"init={expanded}", "epochs=1", "batch_size=16"),
+                           port=29541, env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):  # a shared tensor's gradient: the mean over ranks of the sum over its positions
+        grad = json.loads((tmp_path / f"grad{rank}.json").read_text())
+        assert grad["checked"] == 4 * 12 and grad["max_rel_error"] < 1e-4, grad
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert {rep["steps"] for rep in reports} == {50 // 8}  # 50 images a rank, 8 a process
+    assert reports[0]["weights"] == reports[1]["weights"], "ranks ended with different weights"
+
+    sd = checkpoint.load_latest(run_dir)["model"]
+    init = torch.load(expanded, weights_only=True)["model"]
+    assert "blocks.4.attn.qkv.weight" not in sd  # shared with position 0, stored once
+    assert not torch.equal(sd["blocks.0.attn.qkv.weight"], init["blocks.0.attn.qkv.weight"])  # trained
+    model = build_mae("micro", patch_size=8)
+    scalenet.restore(model, sd)
+    model.load_state_dict(sd)
+    assert model.blocks[4].attn.qkv.weight is model.blocks[0].attn.qkv.weight
+    assert torch.equal(model.blocks[4].attn.qkv.weight, sd["blocks.0.attn.qkv.weight"])

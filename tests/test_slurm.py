@@ -152,11 +152,9 @@ def test_ddp_two_gloo_processes_through_slurm_and_torchrun(slurm, demo_betons, t
     ex = submitit.SlurmExecutor(folder=tmp_path / "jobs" / "%j")
     ex.update_parameters(ntasks_per_node=2, time=5, srun_args=["--kill-on-bad-exit=1"])
     job = ex.submit(ddp_probe.run_job, PRETRAIN, overrides)
-    torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
-         "-m", "tests.ddp_probe", str(tmp_path), PRETRAIN,
-         *small(demo_betons, tmp_path / "torchrun-run", "epochs=2", "batch_size=16")],
-        cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=180)
+    torchrun = ddp_probe.torchrun("tests.ddp_probe", str(tmp_path), PRETRAIN,
+                                  *small(demo_betons, tmp_path / "torchrun-run", "epochs=2", "batch_size=16"),
+                                  port=29533, env=slurm)
     assert torchrun.returncode == 0, torchrun.stderr[-3000:]
     by_torchrun = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     wait(tmp_path / "jobs", job.job_id)

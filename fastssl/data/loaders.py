@@ -14,7 +14,7 @@ ffcv is imported inside the functions so that ``import fastssl.data`` works wher
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -92,7 +92,7 @@ class FFCVLoader:
 
 def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: bool, num_workers: int,
            seed: int, distributed: bool, device: torch.device, drop_last: bool, os_cache: bool,
-           dtype: torch.dtype, batches_ahead: int) -> FFCVLoader:
+           dtype: torch.dtype, batches_ahead: int, indices: Sequence[int] | None = None) -> FFCVLoader:
     from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
@@ -106,7 +106,7 @@ def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: b
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
                     order=OrderOption.RANDOM if order_random else OrderOption.SEQUENTIAL,
                     distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
-                    batches_ahead=batches_ahead)
+                    batches_ahead=batches_ahead, indices=indices)
     return FFCVLoader(loader, decoder, device, dtype)
 
 
@@ -135,13 +135,14 @@ def make_pretrain_loader(path: str | os.PathLike, batch_size: int, res: int, num
 def make_eval_loader(path: str | os.PathLike, batch_size: int, res: int = 224, crop_ratio: float = 224 / 256,
                      num_workers: int = 8, distributed: bool = False, device: torch.device | str = "cpu",
                      os_cache: bool = True, dtype: torch.dtype = torch.float32,
-                     batches_ahead: int = 3) -> FFCVLoader:
+                     batches_ahead: int = 3, indices: Sequence[int] | None = None) -> FFCVLoader:
     """Sequential, every sample once (no drop_last): centre crop of ``crop_ratio`` x the short side,
     resized to ``res``. With ``distributed``, ffcv pads the last shard by repeating samples (as
-    DistributedSampler does), so exact metrics need de-duplication or a single process."""
+    DistributedSampler does), so exact metrics need de-duplication or a single process. ``indices``:
+    only these samples (e.g. :func:`fastssl.data.subset.per_class`)."""
     from ffcv.fields.decoders import CenterCropRGBImageDecoder
 
     decoder = CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
     return _build(path, batch_size, decoder, order_random=False, num_workers=num_workers, seed=0,
                   distributed=distributed, device=device, drop_last=False, os_cache=os_cache,
-                  dtype=dtype, batches_ahead=batches_ahead)
+                  dtype=dtype, batches_ahead=batches_ahead, indices=indices)
