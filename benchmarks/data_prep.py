@@ -20,7 +20,7 @@ import tempfile
 from functools import partial
 from pathlib import Path
 
-from .common import fmt_rate, measure_interleaved, print_table, write_results
+from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 from .photos import CACHE, make_photos
 
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", type=int, default=3)
     a = p.parse_args(argv)
     if a.workers < 1:
-        raise SystemExit(f"error: --workers {a.workers}: must be >= 1")
+        fail(f"--workers {a.workers}: must be >= 1")
     images = a.images or (256 if a.quick else 512)
     root = make_photos(CACHE / f"photos{images}", images)
     files = sorted(str(f) for f in root.glob("*/*.jpg"))

@@ -24,22 +24,35 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import print_table, write_results  # noqa: E402
 from fastssl import checkpoint, linprobe  # noqa: E402
 from fastssl.config import LinProbeConfig, load_config  # noqa: E402
+from fastssl.demo import make_demo_betons  # noqa: E402
 
 TOLERANCE = 0.5  # top-1 points, issue #4
 
 
-def main() -> None:
+def _newest_demo_checkpoint() -> str:
+    """The demo's pretrained encoder (`make demo`); else a random one, which times the same."""
+    found = checkpoint.list_checkpoints(ROOT / "runs/demo/pretrain")
+    return str(found[-1]) if found else "random"
+
+
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--recipe", default=str(ROOT / "recipes/demo/linprobe_cpu.yaml"))
-    p.add_argument("--init", help="checkpoint to probe (default: newest in runs/demo/pretrain)")
+    p.add_argument("--init", help="checkpoint to probe (default: newest in runs/demo/pretrain, else 'random')")
     p.add_argument("--data", default=str(ROOT / "data/demo"), help="folder with train.beton and val.beton")
     p.add_argument("--views", type=int, nargs="+", default=[1, 4])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", default=str(ROOT / "runs/bench_linprobe_cache"))
     p.add_argument("overrides", nargs="*", help="key=value overrides for every row, e.g. epochs=30")
-    args = p.parse_args()
-    init = args.init or str(checkpoint.list_checkpoints(ROOT / "runs/demo/pretrain")[-1])
-    base = [f"init={init}", f"data.train={args.data}/train.beton", f"data.val={args.data}/val.beton",
+    p.add_argument("--quick", action="store_true",
+                   help="one seed, 1 view, 10 epochs: the speed-up only (top-1 needs the seeds)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.views, args.seeds = [1], [0]
+        args.overrides = ["epochs=10", "optim.warmup_epochs=1", *args.overrides]
+    init = args.init or _newest_demo_checkpoint()
+    train, val = make_demo_betons(Path(args.data).resolve())
+    base = [f"init={init}", f"data.train={train}", f"data.val={val}",
             "log.wandb=disabled", "log.progress=false", *args.overrides]
 
     runs = []
@@ -69,15 +82,16 @@ def main() -> None:
         r["top1_delta"] = r["top1_mean"] - live["top1_mean"]
         r["within_tolerance"] = abs(r["top1_delta"]) <= TOLERANCE
 
-    title = f"linear probe, {runs[0]['epochs']} epochs, seeds {args.seeds}: live vs cached features"
+    title = f"linear probe of {Path(init).name}, {runs[0]['epochs']} epochs, seeds {args.seeds}: live vs cached features"
     print_table(title, ["mode", "views", "top-1 per seed", "top-1 mean", "Δ vs live", "s / run", "speed-up"], [
         [r["mode"], r["views"], " ".join(f"{t:.2f}" for t in r["top1"]),
          f"{r['top1_mean']:.2f} ±{r['top1_half_range']:.2f}", f"{r['top1_delta']:+.2f}"
          + ("" if r["within_tolerance"] else f" (> {TOLERANCE})"), f"{r['seconds']:.1f}", f"{r['speedup']:.1f}x"]
         for r in rows])
-    out = write_results("linprobe_cache", {"init": init, "recipe": args.recipe, "overrides": args.overrides,
-                                           "seeds": args.seeds, "tolerance": TOLERANCE, "rows": rows, "runs": runs})
-    print(f"wrote {out}")
+    results = {"init": init, "recipe": args.recipe, "overrides": args.overrides, "seeds": args.seeds,
+               "tolerance": TOLERANCE, "rows": rows, "runs": runs}
+    print(f"wrote {write_results('linprobe_cache', results)}")
+    return results
 
 
 if __name__ == "__main__":

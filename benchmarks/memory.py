@@ -17,7 +17,7 @@ import argparse
 
 import psutil
 
-from .common import print_table, write_results
+from .common import fail, print_table, write_results
 from .photos import photo_beton
 
 MIB = 2**20
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     a.epochs = a.epochs or (3 if a.quick else 6)
     if a.epochs < 3:
-        raise SystemExit(f"error: --epochs {a.epochs}: must be >= 3 (epoch 0 warms up; then a drift)")
+        fail(f"--epochs {a.epochs}: must be >= 3 (epoch 0 warms up; then a drift)")
     from fastssl.data import make_pretrain_loader
 
     images = 256 if a.quick else 512

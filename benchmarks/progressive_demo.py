@@ -19,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import fail  # noqa: E402
 from fastssl import checkpoint, flops  # noqa: E402
 from fastssl.demo import make_demo_betons  # noqa: E402
 from fastssl.config import PretrainConfig, load_config  # noqa: E402
@@ -48,7 +49,7 @@ def main() -> None:
     for name, recipe in RECIPES.items():
         run_dir = out / name
         if run_dir.exists():
-            raise SystemExit(f"error: {run_dir} exists; remove it or pass another --out (a resumed run would not time)")
+            fail(f"{run_dir} exists; remove it or pass another --out (a resumed run would not time)")
         overrides = [f"run_dir={run_dir}", *common]
         cfg = load_config(PretrainConfig, ROOT / recipe, overrides)
         wall = python("-m", "fastssl.pretrain", recipe, *overrides)

@@ -2,8 +2,7 @@
 
 Each benchmark is a module ``benchmarks.<name>`` with ``main(argv) -> dict`` that prints its table and
 writes ``benchmarks/results/<name>.json`` (+ ``.png``). Benchmarks owned by other issues plug in by
-adding their module under the name listed here (recipe_compute: #3, linprobe: #4); until then they
-are reported as not present.
+adding their module under the name listed here; a missing one is reported as not present.
 """
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import importlib.util
 import sys
 import time
 
-BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe")
+BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe_cache")
 
 
 def main(argv: list[str] | None = None) -> int:
