@@ -2,6 +2,9 @@
 determinism in (seed, epoch) across worker counts, DCT scale choice, corrupt input."""
 from __future__ import annotations
 
+import threading
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -50,9 +53,16 @@ def test_scaled_decode_keeps_pixel_statistics(photo_beton):
     assert per_image.min() > 0.95  # each image is the same crop and flip
 
 
-def test_deterministic_across_workers_and_runs(photo_beton):
+def test_deterministic_across_workers_and_decoded_in_parallel(photo_beton):
+    from numba.core.errors import NumbaPerformanceWarning
+
     a = _pixels(photo_beton, 96, True, workers=1)
-    assert torch.equal(a, _pixels(photo_beton, 96, True, workers=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", NumbaPerformanceWarning)
+        b = _pixels(photo_beton, 96, True, workers=2)
+    assert torch.equal(a, b)
+    # numba silently runs a prange loop serially (one worker busy) when it cannot parallelise it
+    assert not [w for w in caught if issubclass(w.category, NumbaPerformanceWarning)]
 
 
 def test_dct_denom_keeps_the_crop_at_least_the_output_size():
@@ -70,3 +80,26 @@ def test_corrupt_jpeg_is_an_error_not_a_crash():
     garbage = np.frombuffer(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, np.uint8)
     out = np.zeros((32, 32, 3), np.uint8)
     assert decode_crop_resize(garbage, 0, 0, 64, 64, 1, out, False) == -1
+
+
+def test_corrupt_jpeg_in_a_beton_fails_the_epoch_instead_of_hanging(photo_beton, tmp_path):
+    data = bytearray(photo_beton.read_bytes())
+    soi = data.index(b"\xff\xd8\xff", 4096)  # the first stored JPEG, past ffcv's header and tables
+    data[soi + 2: soi + 600] = bytes(598)  # its markers and tables gone: libjpeg refuses it
+    bad = tmp_path / "bad.beton"
+    bad.write_bytes(data)
+    loader = make_pretrain_loader(bad, BATCH, 64, num_workers=2, seed=0)
+    outcome = []
+
+    def consume():
+        try:
+            outcome.append(sum(len(x) for x, _ in loader))
+        except RuntimeError as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=consume, daemon=True)
+    t.start()
+    t.join(timeout=120)
+    assert outcome, "the loader hung on a corrupt JPEG"
+    assert isinstance(outcome[0], RuntimeError) and "corrupt JPEG" in str(outcome[0])
+    assert str(bad) in str(outcome[0])

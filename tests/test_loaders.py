@@ -139,3 +139,15 @@ def test_import_needs_no_ffcv():
             "assert d.read_classes and d.make_pretrain_loader; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_batches_are_fresh_and_exactly_normalised(demo_betons):
+    # more batches than ffcv's buffer ring (batches_ahead + 2): a recycled buffer would change under us
+    loader = make_pretrain_loader(demo_betons.train, 4, res=24, num_workers=2, seed=1, batches_ahead=1)
+    kept, sums = [], []
+    for x, _ in loader:
+        kept.append(x)
+        sums.append(float(x.double().sum()))
+    assert len(kept) > 3 and sums == [float(x.double().sum()) for x in kept]
+    grey = _denormalise(torch.cat(kept))
+    assert (grey - grey.round()).abs().max() < 1e-3  # (level - mean) / std of uint8 levels, undone

@@ -3,7 +3,9 @@
 Both yield ``(images, labels)``: images ``(N, 3, res, res)`` in ``dtype`` (float32 by default),
 normalised with the ImageNet mean/std, on ``device``, in channels_last memory format (values are
 those of a plain NCHW tensor; ``.contiguous()`` if a consumer needs NCHW strides); labels int64 ``(N,)``.
-Both are fresh tensors each batch: ffcv recycles its own buffers a few batches later.
+Both are fresh tensors each batch (ffcv recycles its own buffers a few batches later). On the CPU the
+normalisation runs in ffcv's worker threads into a new array (:mod:`fastssl.data.normalize`), so the
+training thread does no per-pixel work; on a GPU uint8 batches cross PCIe and are normalised there.
 
 Training batches are a pure function of (seed, epoch): the order comes from ffcv's RANDOM order
 (seeded by seed + epoch; DistributedSampler-style sharding when ``distributed``), and crops and flips
@@ -13,6 +15,7 @@ ffcv is imported inside the functions so that ``import fastssl.data`` works wher
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterator, Sequence
 
@@ -71,7 +74,6 @@ class FFCVLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # ffcv's Loader.__iter__, plus the start offset and the epoch for the seeded decoder.
-        from ffcv.loader.epoch_iterator import EpochIterator
         from ffcv.pipeline.compiler import Compiler
 
         epoch, start = self.epoch, self.start_batch
@@ -82,12 +84,37 @@ class FFCVLoader:
         Compiler.set_num_threads(ld.num_workers)
         order = ld.traversal_order.sample_order(epoch)[: len(ld) * ld.batch_size]
         ld.next_epoch = epoch + 1
-        return self._normalised(EpochIterator(ld, order[start * ld.batch_size:]))
+        return self._normalised(_epoch_iterator()(ld, order[start * ld.batch_size:]))
 
     def _normalised(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in batches:
-            x = images.float().sub_(self._mean).div_(self._std)
-            yield x.to(self.dtype), labels.reshape(-1).clone()
+            if images.dtype == torch.uint8:  # on the GPU: normalise there
+                x = images.float().sub_(self._mean).div_(self._std).to(self.dtype)
+            else:  # normalised by the CPU pipeline into a fresh array
+                x = images.to(self.dtype)
+            yield x, labels.reshape(-1).clone()
+        if batches.error is not None:
+            raise RuntimeError(f"loading {self.loader.fname} failed: {batches.error}") from batches.error
+
+
+@functools.cache
+def _epoch_iterator() -> type:
+    """ffcv's epoch iterator, except that an error in its pipeline thread (a corrupt JPEG, ...) ends
+    the epoch and is raised to the consumer; ffcv 1.0.2's thread just dies, and the consumer waits for
+    the next batch forever (a hung job instead of a failed one)."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    class ReportingEpochIterator(EpochIterator):
+        error: BaseException | None = None
+
+        def run(self) -> None:
+            try:
+                super().run()
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer's thread
+                self.error = e
+                self.output_queue.put(None)
+
+    return ReportingEpochIterator
 
 
 def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: bool, num_workers: int,
@@ -97,10 +124,17 @@ def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: b
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
+    from .normalize import NormalizeToFresh
+
     device = torch.device(device)
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
+    if to_device:  # uint8 crosses PCIe (4x less than float); FFCVLoader normalises on the GPU
+        tail = [ToTensor(), *to_device]
+    else:  # normalised in ffcv's worker threads (a lookup table), not on the training thread
+        tail = [NormalizeToFresh(tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMAGENET_STD)),
+                ToTensor()]
     pipelines = {
-        "image": [decoder, ToTensor(), *to_device, ToTorchImage(channels_last=True)],
+        "image": [decoder, *tail, ToTorchImage(channels_last=True)],
         "label": [IntDecoder(), ToTensor(), *to_device],
     }
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,

@@ -137,6 +137,9 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, epoch_carrier = my_storage
             epoch = epoch_carrier.shape[2] - 1
+            # numba runs a prange serially if its body can leave early (a raise): collect the
+            # failures and raise after the loop.
+            failed = np.zeros(len(batch_indices), np.int32)
             for dst_ix in my_range(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -148,8 +151,7 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
                 out = destination[dst_ix]
                 if crop_decode and field["mode"] == jpg:
                     denom = dct_denom(h, w, out.shape[0], out.shape[1])
-                    if crop_decode_c(image_data, i, j, h, w, denom, out, flip) != 0:
-                        raise ValueError("corrupt JPEG in the dataset")
+                    failed[dst_ix] = crop_decode_c(image_data, i, j, h, w, denom, out, flip)
                 else:
                     if field["mode"] == jpg:
                         temp_buffer = temp_storage[dst_ix]
@@ -161,6 +163,8 @@ class SeededRandomResizedCropFlip(ResizedCropRGBImageDecoder):
                     resize_crop_c(temp_buffer, i, i + h, j, j + w, out)
                     if flip:
                         _flip_in_place(out)
+            if failed.any():
+                raise ValueError("corrupt JPEG in the dataset")
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
