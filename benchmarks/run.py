@@ -1,16 +1,17 @@
 """Run every benchmark: ``python -m benchmarks.run [--quick] [--only loader,...]``.
 
-Each benchmark is a module ``benchmarks.<name>`` with ``main(argv) -> dict`` that prints its table and
-writes ``benchmarks/results/<name>.json`` (+ ``.png``). Benchmarks owned by other issues plug in by
-adding their module under the name listed here; a missing one is reported as not present.
+Each benchmark is a module ``benchmarks.<name>`` (run in its own process) that prints its table and
+writes ``benchmarks/results/<name>.json`` (+ ``.png``).
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import subprocess
 import sys
 import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe_cache")
 
@@ -26,14 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --only {unknown[0]}: unknown benchmark (choose from {', '.join(BENCHMARKS)})",
               file=sys.stderr)
         return 2
+    failed = 0
     for name in names:
-        if importlib.util.find_spec(f"benchmarks.{name}") is None:
-            print(f"## {name}: not present yet", flush=True)
-            continue
         t = time.perf_counter()
-        importlib.import_module(f"benchmarks.{name}").main(["--quick"] if a.quick else [])
-        print(f"## {name}: {time.perf_counter() - t:.0f} s\n", flush=True)
-    return 0
+        # a process each: one benchmark's memory, threads and compiled code must not skew the next
+        rc = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *(["--quick"] if a.quick else [])],
+                            cwd=ROOT).returncode
+        print(f"## {name}: {time.perf_counter() - t:.0f} s" + (f" (FAILED, exit {rc})" if rc else "") + "\n",
+              flush=True)
+        failed += rc != 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
