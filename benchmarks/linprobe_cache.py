@@ -45,11 +45,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--runs", default=str(ROOT / "runs/bench_linprobe_cache"))
     p.add_argument("overrides", nargs="*", help="key=value overrides for every row, e.g. epochs=30")
     p.add_argument("--quick", action="store_true",
-                   help="one seed, 1 view, 10 epochs: the speed-up only (top-1 needs the seeds)")
+                   help="one seed, 1 view, 5 epochs: the speed-up only (top-1 needs the seeds)")
     args = p.parse_args(argv)
     if args.quick:
         args.views, args.seeds = [1], [0]
-        args.overrides = ["epochs=10", "optim.warmup_epochs=1", *args.overrides]
+        args.overrides = ["epochs=5", "optim.warmup_epochs=1", *args.overrides]
     init = args.init or _newest_demo_checkpoint()
     train, val = make_demo_betons(Path(args.data).resolve())
     base = [f"init={init}", f"data.train={train}", f"data.val={val}",
