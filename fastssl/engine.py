@@ -87,6 +87,13 @@ def seed_position(seed: int, position: int, info: dist.DistInfo) -> None:
     torch.manual_seed((seed * 1_000_003 + position) * 4099 + info.rank)
 
 
+def compiled(model: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
+    """torch.compile with static shapes: a progressive run has a handful of stage shapes, each worth
+    its own specialised graph (one compile per new stage; dynamic shapes would trade speed for
+    nothing and break the position tables' constant folding)."""
+    return torch.compile(model, backend=backend, dynamic=False)
+
+
 def fit(
     cfg: RunConfig,
     info: dist.DistInfo,
@@ -189,7 +196,7 @@ def fit(
             if cfg.compile:
                 torch._dynamo.reset()
             ddp = DistributedDataParallel(model) if info.distributed else model
-            step_model = torch.compile(ddp) if cfg.compile else ddp
+            step_model = compiled(ddp) if cfg.compile else ddp
         if stage != logged_stage:
             logger.log({**{f"stage/{k}": v for k, v in vars(stage).items() if v is not None},
                         "stage/micro_batch": micro_batch, "stage/accum_steps": accum}, progress.step)

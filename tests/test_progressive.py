@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastssl import cli, flops, optim, progressive
+from fastssl import cli, engine, flops, optim, progressive
 from fastssl.config import ConfigError, PretrainConfig, RampConfig, load_config
 from fastssl.models import build_mae, growth, len_keep
 
@@ -256,3 +256,27 @@ def test_fast_recipe_meets_its_flops_goal(capsys):
     flops.main([str(RECIPES / "mae_vit_base_800ep_fast.yaml")])
     out = capsys.readouterr().out
     assert "ratio 0.380x" in out and " 128  0.500      32     1" in out
+
+
+def test_compiled_mae_recompiles_per_new_stage_not_per_step():
+    # The stage (resolution, mask ratio) is the only thing that may change a compiled graph: the
+    # position tables, masking and loss must not make torch.compile recompile on every step.
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = engine.compiled(micro(4), backend=counting_backend)
+    per_stage = []
+    for res, mask_ratio in ((32, 0.5), (48, 0.66), (64, 0.75)):
+        before = len(graphs)
+        model(torch.randn(2, 3, res, res), mask_ratio=mask_ratio)[0].backward()
+        after_first = len(graphs)
+        for _ in range(3):
+            model(torch.randn(2, 3, res, res), mask_ratio=mask_ratio)[0].backward()
+        assert len(graphs) == after_first, f"recompiled within the {res} px stage"
+        per_stage.append(after_first - before)
+    torch._dynamo.reset()
+    assert per_stage == [1, 1, 1]  # one graph per stage, compiled once (no graph breaks)

@@ -29,13 +29,15 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = Tr
     return emb.unsqueeze(0)
 
 
+@torch._dynamo.assume_constant_result
 def cached_pos_embed(
     dim: int, grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
     """The cls-prefixed table for one grid, built once per (dim, grid, device, dtype).
 
-    torch.compile traces this with fullgraph=True: a new grid costs one retrace (dynamo guards on
-    the dict), after which the table is a constant graph input, never recomputed per step.
+    Under torch.compile the table is a constant of the graph: dynamo calls this at trace time
+    instead of tracing the cache lookup, so a new grid costs one compile (guarding on the cache
+    dict would cost two: one that fills it, one that finds it full), never work per step.
     """
     key = (dim, grid_h, grid_w, device, dtype)
     table = _cache.get(key)
