@@ -130,7 +130,7 @@ def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: b
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     if to_device:  # uint8 crosses PCIe (4x less than float); FFCVLoader normalises on the GPU
         tail = [ToTensor(), *to_device]
-    else:  # normalised in ffcv's worker threads (a lookup table), not on the training thread
+    else:  # normalised in ffcv's worker threads into a fresh array, not on the training thread
         tail = [NormalizeToFresh(tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMAGENET_STD)),
                 ToTensor()]
     pipelines = {
