@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from .common import fail
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe_cache")
@@ -24,9 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     names = BENCHMARKS if a.only is None else tuple(a.only.split(","))
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
-        print(f"error: --only {unknown[0]}: unknown benchmark (choose from {', '.join(BENCHMARKS)})",
-              file=sys.stderr)
-        return 2
+        fail(f"--only {unknown[0]}: unknown benchmark (choose from {', '.join(BENCHMARKS)})")
     failed = 0
     for name in names:
         t = time.perf_counter()
