@@ -82,7 +82,8 @@ def weights(run_dir) -> dict:
 
 def test_submit_preempt_twice_resume_to_the_weights_of_an_unbroken_run(slurm, demo_betons, tmp_path):
     """Also: what submit prints, and the .beton staged to a node-local folder."""
-    args = small(demo_betons, None, "batch_size=8", "epochs=3", "log.every_steps=1")[1:]
+    # 8 epochs: long enough that a signal sent once a step is logged lands before training ends
+    args = small(demo_betons, None, "batch_size=8", "epochs=8", "log.every_steps=1")[1:]
     straight = subprocess.Popen([sys.executable, "-m", "fastssl.pretrain", PRETRAIN, f"run_dir={tmp_path / 'a'}",
                                  *args], cwd=ROOT, env=slurm, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     run_dir, jobs = tmp_path / "b", tmp_path / "jobs"
@@ -111,7 +112,7 @@ def test_submit_preempt_twice_resume_to_the_weights_of_an_unbroken_run(slurm, de
         assert out.read_text().count("resumed from") == resumes + 1, "not requeued and resumed"
     job = wait(jobs, jid)
     progress = job.result()
-    assert (progress.epoch, progress.step) == (3, 3 * 12)  # 100 images // 8 a epoch: the stops lost no step
+    assert (progress.epoch, progress.step) == (8, 8 * 12)  # 100 images // 8 a epoch: the stops lost no step
     staged = json.loads((run_dir / "config.json").read_text())["data"]["train"]
     assert Path(staged).parent == stage_dir and Path(staged).read_bytes() == demo_betons.train.read_bytes()
     assert int(scontrol(jid, slurm)["Restarts"]) == 2
