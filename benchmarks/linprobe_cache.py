@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = [f"init={init}", f"data.train={train}", f"data.val={val}",
             "log.wandb=disabled", "log.progress=false", *args.overrides]
 
+    import fastssl.data.decoders  # noqa: F401 -- ffcv's import (~6 s) is the process's, not the first row's
+
     runs = []
     for seed in args.seeds:
         for views in [0, *args.views]:

@@ -1,7 +1,11 @@
-"""The crop-aware JPEG decoder: same crops as the full decode, matching pixel statistics,
-determinism in (seed, epoch) across worker counts, DCT scale choice, corrupt input."""
+"""The decoders on real JPEG photos: the crop-aware decode gives the full decode's crops and pixel
+statistics, is deterministic in (seed, epoch) across worker counts, picks the DCT scale, fails on
+corrupt input; the centre crop is ffcv's pixel for pixel; the kernels are compiled once per machine."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -10,7 +14,9 @@ import pytest
 import torch
 
 from fastssl.data import IMAGENET_MEAN, IMAGENET_STD, make_pretrain_loader
-from fastssl.data.jpeg_crop import AVAILABLE, dct_denom, decode_crop_resize
+from fastssl.data import loaders
+from fastssl.data.decoders import decode_batch, dct_denom
+from fastssl.data.jpeg_crop import AVAILABLE
 
 pytestmark = pytest.mark.skipif(not AVAILABLE, reason="no C compiler / libjpeg headers")
 BATCH = 16
@@ -76,10 +82,15 @@ def test_dct_denom_keeps_the_crop_at_least_the_output_size():
         assert h // d >= r and w // d >= r and (d == 8 or h // (2 * d) < r or w // (2 * d) < r)
 
 
-def test_corrupt_jpeg_is_an_error_not_a_crash():
+def test_corrupt_jpeg_is_counted_not_a_crash():
     garbage = np.frombuffer(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4, np.uint8)
-    out = np.zeros((32, 32, 3), np.uint8)
-    assert decode_crop_resize(garbage, 0, 0, 64, 64, 1, out, False) == -1
+    metadata = np.zeros(1, [("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
+    metadata[0] = (0, 64, 64, 0)  # a 64 x 64 JPEG, says the header
+    where = np.array([[garbage.ctypes.data, garbage.size]], np.uint64)
+    out, temp = np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 64 * 64 * 3), np.uint8)
+    params = np.array([0.2, 1.0, 3 / 4, 4 / 3, 0.5])
+    failed = decode_batch(np.zeros(1, np.uint64), metadata, where, out, temp, 0, np.uint64(0), params, True, True)
+    assert failed == 1
 
 
 def test_corrupt_jpeg_in_a_beton_fails_the_epoch_instead_of_hanging(photo_beton, tmp_path):
@@ -103,3 +114,34 @@ def test_corrupt_jpeg_in_a_beton_fails_the_epoch_instead_of_hanging(photo_beton,
     assert outcome, "the loader hung on a corrupt JPEG"
     assert isinstance(outcome[0], RuntimeError) and "corrupt JPEG" in str(outcome[0])
     assert str(bad) in str(outcome[0])
+
+
+def test_centre_crop_is_ffcvs_pixel_for_pixel(photo_beton):
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+
+    ours = loaders.make_eval_loader(photo_beton, BATCH, res=112, crop_ratio=0.875, num_workers=2)
+    stock = loaders._build(photo_beton, BATCH, CenterCropRGBImageDecoder((112, 112), ratio=0.875),
+                           order_random=False, num_workers=2, seed=0, distributed=False, device="cpu",
+                           drop_last=False, os_cache=True, dtype=torch.float32, batches_ahead=2)
+    a, b = torch.cat([x for x, _ in ours]), torch.cat([x for x, _ in stock])
+    assert a.shape == (48, 3, 112, 112) and torch.equal(a, b)
+
+
+PROBE = """
+import sys
+from fastssl.data import decoders, make_eval_loader, make_pretrain_loader, normalize
+next(iter(make_pretrain_loader(sys.argv[1], 8, 64, 2, seed=0)))
+next(iter(make_eval_loader(sys.argv[1], 8, 64, num_workers=2)))
+kernels = (decoders.decode_batch, normalize.normalise)
+print(sum(len(k.stats.cache_misses) for k in kernels), sum(len(k.stats.cache_hits) for k in kernels))
+"""
+
+
+def test_kernels_compile_once_per_machine_not_per_process(photo_beton, tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    runs = [subprocess.run([sys.executable, "-c", PROBE, str(photo_beton)], env=env, capture_output=True,
+                           text=True, timeout=300) for _ in range(2)]
+    assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
+    (miss1, hit1), (miss2, hit2) = (map(int, r.stdout.split()[-2:]) for r in runs)
+    assert miss1 >= 2 and hit1 == 0  # a cold cache: both kernels compiled (and stored) ...
+    assert miss2 == 0 and hit2 == miss1  # ... a new process loads every one of them

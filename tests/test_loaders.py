@@ -10,7 +10,7 @@ import torch
 from conftest import read_beton
 
 from fastssl.data import IMAGENET_MEAN, IMAGENET_STD, make_eval_loader, make_pretrain_loader
-from fastssl.data.seeded_crop import sample_crop_flip
+from fastssl.data.decoders import sample_crop_flip
 
 BATCH = 16
 

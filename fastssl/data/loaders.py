@@ -9,7 +9,7 @@ training thread does no per-pixel work; on a GPU uint8 batches cross PCIe and ar
 
 Training batches are a pure function of (seed, epoch): the order comes from ffcv's RANDOM order
 (seeded by seed + epoch; DistributedSampler-style sharding when ``distributed``), and crops and flips
-from :class:`~fastssl.data.seeded_crop.SeededRandomResizedCropFlip` (seeded per sample).
+from :class:`~fastssl.data.decoders.SeededRandomResizedCropFlip` (seeded per sample).
 
 ffcv is imported inside the functions so that ``import fastssl.data`` works where ffcv is absent.
 """
@@ -78,8 +78,7 @@ class FFCVLoader:
 
         epoch, start = self.epoch, self.start_batch
         self.epoch, self.start_batch = epoch + 1, 0
-        if hasattr(self.decoder, "epoch"):  # the seeded decoder; the centre crop has no randomness
-            self.decoder.epoch = epoch
+        self.decoder.epoch = epoch  # read by the seeded crop; the centre crop ignores it
         ld = self.loader
         Compiler.set_num_threads(ld.num_workers)
         order = ld.traversal_order.sample_order(epoch)[: len(ld) * ld.batch_size]
@@ -154,10 +153,10 @@ def make_pretrain_loader(path: str | os.PathLike, batch_size: int, res: int, num
 
     Also the linear-probe train loader (MAE protocol: RRC + flip, labels used). ``batch_size`` is per
     process. ``num_workers`` sets ffcv's numba threads *and* ``torch.set_num_threads`` (ffcv does so).
-    ``crop_decode`` decodes JPEGs crop-aware (see :mod:`fastssl.data.seeded_crop`); False decodes the
+    ``crop_decode`` decodes JPEGs crop-aware (see :mod:`fastssl.data.decoders`); False decodes the
     whole image first, as ffcv's stock decoder does.
     """
-    from .seeded_crop import SeededRandomResizedCropFlip
+    from .decoders import SeededRandomResizedCropFlip
 
     decoder = SeededRandomResizedCropFlip((res, res), seed=seed, scale=scale, ratio=ratio, flip_prob=flip_prob,
                                           crop_decode=crop_decode)
@@ -174,9 +173,9 @@ def make_eval_loader(path: str | os.PathLike, batch_size: int, res: int = 224, c
     resized to ``res``. With ``distributed``, ffcv pads the last shard by repeating samples (as
     DistributedSampler does), so exact metrics need de-duplication or a single process. ``indices``:
     only these samples (e.g. :func:`fastssl.data.subset.per_class`)."""
-    from ffcv.fields.decoders import CenterCropRGBImageDecoder
+    from .decoders import CenterCrop
 
-    decoder = CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
+    decoder = CenterCrop((res, res), ratio=crop_ratio)
     return _build(path, batch_size, decoder, order_random=False, num_workers=num_workers, seed=0,
                   distributed=distributed, device=device, drop_last=False, os_cache=os_cache,
                   dtype=dtype, batches_ahead=batches_ahead, indices=indices)

@@ -3,20 +3,38 @@
 ffcv's own ``NormalizeImage`` writes into one of the Loader's recycled buffers, so a loader that
 promises fresh tensors must copy each batch on the training thread — a third of the loader's
 throughput on 2 cores at 160 px. This operation allocates the batch's output itself (in the
-worker threads, which also take the page faults) and hands it on: no copy anywhere.
+worker threads, which also take the page faults) and hands it on: no copy anywhere. The work is a
+kernel in numba's on-disk cache, compiled once per machine rather than per Loader (see
+:mod:`fastssl.data.decoders`).
 """
 from __future__ import annotations
 
 from dataclasses import replace
 
+import numba
 import numpy as np
-from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
 
 
+@numba.njit(nogil=True, parallel=True, cache=True)
+def normalise(images, mean, inv_std):
+    """uint8 (N, H, W, 3) -> a new float32 array ``(x - mean) * inv_std``, parallel over images."""
+    out = np.empty(images.shape, np.float32)
+    m0, m1, m2 = mean[0], mean[1], mean[2]
+    s0, s1, s2 = inv_std[0], inv_std[1], inv_std[2]
+    for i in numba.prange(images.shape[0]):
+        src = images[i].reshape(-1, 3)
+        dst = out[i].reshape(-1, 3)
+        for p in range(src.shape[0]):  # unrolled channels: vectorises
+            dst[p, 0] = (np.float32(src[p, 0]) - m0) * s0
+            dst[p, 1] = (np.float32(src[p, 1]) - m1) * s1
+            dst[p, 2] = (np.float32(src[p, 2]) - m2) * s2
+    return out
+
+
 class NormalizeToFresh(Operation):
-    """uint8 (N, H, W, 3) images -> float32 ``(x - mean) / std`` (``mean``/``std`` in grey levels),
-    parallel over images; CPU pipelines only."""
+    """uint8 (N, H, W, 3) images -> float32 ``(x - mean) / std`` (``mean``/``std`` in grey levels);
+    CPU pipelines only."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -24,24 +42,13 @@ class NormalizeToFresh(Operation):
         self.inv_std = (1.0 / np.asarray(std, np.float64)).astype(np.float32)
 
     def generate_code(self):
-        m0, m1, m2 = (np.float32(v) for v in self.mean)
-        s0, s1, s2 = (np.float32(v) for v in self.inv_std)
-        my_range = Compiler.get_iterator()
+        mean, inv_std = self.mean, self.inv_std
 
-        def normalise(images, _unused, indices):
-            out = np.empty(images.shape, np.float32)
-            for i in my_range(len(indices)):
-                src = images[i].reshape(-1, 3)
-                dst = out[i].reshape(-1, 3)
-                for p in range(src.shape[0]):  # unrolled channels: vectorises
-                    dst[p, 0] = (np.float32(src[p, 0]) - m0) * s0
-                    dst[p, 1] = (np.float32(src[p, 1]) - m1) * s1
-                    dst[p, 2] = (np.float32(src[p, 2]) - m2) * s2
-            return out
+        def normalise_batch(images, _unused):
+            return normalise(images, mean, inv_std)
 
-        normalise.is_parallel = True
-        normalise.with_indices = True
-        return normalise
+        return normalise_batch
 
     def declare_state_and_memory(self, previous_state):
-        return replace(previous_state, jit_mode=True, dtype=np.dtype(np.float32)), None
+        # not jit mode: ffcv calls normalise_batch from Python rather than compiling it per Loader
+        return replace(previous_state, jit_mode=False, dtype=np.dtype(np.float32)), None
