@@ -115,6 +115,10 @@ class RunConfig:
         _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps", self.checkpoint.every_steps, "must be >= 0")
         _check(self.log.every_steps > 0, "log.every_steps", self.log.every_steps, "must be > 0")
 
+    def micro_batch(self, world_size: int) -> int:
+        """Images per process per forward pass: batch_size / (world_size x accum_steps)."""
+        return self.batch_size // (world_size * self.accum_steps)
+
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of processes, known only after distributed init."""
         per = world_size * self.accum_steps

@@ -58,7 +58,7 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> nn.Module:
 def run(cfg: FinetuneConfig) -> dict:
     info = dist.init(cfg.device)
     cfg.validate_world(info.world_size)
-    per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
+    per_process_batch = cfg.micro_batch(info.world_size)
     aug = cfg.augment
     if (aug.mixup > 0 or aug.cutmix > 0) and per_process_batch % 2:
         raise ConfigError(f"batch_size={cfg.batch_size}: mixup/cutmix pair each image with another, so the "

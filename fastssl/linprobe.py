@@ -132,7 +132,7 @@ def run(cfg: LinProbeConfig) -> dict:
     head = ProbeHead(encoder.num_features, num_classes(cfg.data.train), len(cfg.lr_scales)).to(info.device)
     groups = [{"params": fc.parameters(), "lr_scale": s} for fc, s in zip(head.fc, cfg.lr_scales)]
     optimizer = optim.LARS(groups, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
-    per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
+    per_process_batch = cfg.micro_batch(info.world_size)
     train = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,

@@ -40,7 +40,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
                             adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
     stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
-    per_process_batch = cfg.batch_size // (info.world_size * cfg.accum_steps)
+    per_process_batch = cfg.micro_batch(info.world_size)
     loader = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,

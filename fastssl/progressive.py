@@ -43,9 +43,8 @@ def constant(res: int, mask_ratio: float = 0.0) -> Schedule:
 def batch_split(stage: Stage, cfg: RunConfig, world_size: int) -> tuple[int, int]:
     """(micro-batch per process, accumulation steps) in `stage`. Their product is the same in every
     stage, so the global batch, the steps per epoch and the LR schedule do not depend on the split."""
-    per_step = cfg.batch_size // world_size
-    micro = stage.micro_batch or per_step // cfg.accum_steps
-    return micro, per_step // micro
+    micro = stage.micro_batch or cfg.micro_batch(world_size)
+    return micro, cfg.batch_size // world_size // micro
 
 
 def ramp_res(epoch: int, ramp: RampConfig) -> int:
