@@ -57,5 +57,5 @@ def photo_beton(n: int, workers: int = 2) -> tuple[Path, Path]:
     beton = base / "train_jpg.beton"
     if not beton.exists():
         convert(root, beton, write_mode="jpg", max_res=500, jpeg_quality=90, workers=workers,
-                progress=False, log=lambda *a, **k: None)
+                log=lambda *a, **k: None)
     return root, beton

@@ -26,7 +26,7 @@ def demo_betons(tmp_path_factory) -> DemoBetons:
 
     base = tmp_path_factory.mktemp("demo")
     root = make_demo_dataset(base / "digits", size=DEMO_SIZE, per_class=DEMO_PER_CLASS, seed=0)
-    quiet = dict(workers=1, progress=False, log=lambda *a, **k: None)
+    quiet = dict(workers=1, log=lambda *a, **k: None)
     train = convert(root / "train", base / "train.beton", **quiet).out
     val = convert(root / "val", base / "val.beton", classes_from=train, **quiet).out
     return DemoBetons(root, train, val, DEMO_SIZE)

@@ -17,7 +17,7 @@ from fastssl.data import num_classes, read_classes
 from fastssl.data.imagefolder import DatasetError, read_synsets
 
 REPO = Path(__file__).resolve().parents[1]
-QUIET = dict(workers=1, progress=False, log=lambda *a, **k: None)
+QUIET = dict(workers=1, log=lambda *a, **k: None)
 
 
 def _jpeg(path: Path, seed: int, size=(20, 16)) -> None:

@@ -30,7 +30,7 @@ def photo_beton(tmp_path_factory):
     base = tmp_path_factory.mktemp("photos")
     root = make_photos(base, 48)
     return convert(root, base / "jpg.beton", write_mode="jpg", max_res=500, jpeg_quality=90, workers=1,
-                   progress=False, log=lambda *a, **k: None).out
+                   log=lambda *a, **k: None).out
 
 
 def _pixels(beton, res: int, crop_decode: bool, workers: int = 1) -> torch.Tensor:

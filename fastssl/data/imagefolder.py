@@ -41,21 +41,20 @@ def load_rgb(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
-def check_image(path: str, max_res: int | None = None) -> str | None:
-    """Why ``path`` cannot be written (a short reason), or None if it can.
+def open_checked(path: str, max_res: int | None = None) -> tuple[Image.Image | None, str | None]:
+    """(the fully decoded RGB image, None) if ``path`` can be written, else (None, a short reason).
 
-    Decodes the whole file with the same code the writer uses (:func:`load_rgb`): ``Image.verify``
-    alone misses truncated JPEGs, and a file that fails inside ffcv's writer workers hangs the writer.
+    Decodes the whole file (:func:`load_rgb`): ``Image.verify`` alone misses truncated JPEGs.
     """
     try:
         im = load_rgb(path)
     except UnidentifiedImageError:
-        return "not a readable image"
+        return None, "not a readable image"
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "skip this file"
-        return f"{type(e).__name__}: {e}"
+        return None, f"{type(e).__name__}: {e}"
     if max_res is None and max(im.size) > MAX_SIDE:
-        return f"{im.size[0]}x{im.size[1]} exceeds ffcv's {MAX_SIDE}px limit (set --max-res)"
-    return None
+        return None, f"{im.size[0]}x{im.size[1]} exceeds ffcv's {MAX_SIDE}px limit (set --max-res)"
+    return im, None
 
 
 def _name_reason(path: str) -> str:
