@@ -214,21 +214,20 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
     listing = _listing(src, classes_from, labels_file, synsets)
     samples = listing.samples if limit is None else _take_evenly(listing.samples, limit)
     skipped = list(listing.skipped)
-    if not samples:
-        raise DatasetError(f"--src {src}: no readable images ({len(skipped)} files skipped)")
-    log(f"writing {len(samples)} images to {out} ({opts.write_mode}, {workers} workers)")
     with atomic.replacing(out) as tmp:
-        failed = _write_beton(tmp, samples, opts, workers, chunk_size)
-        if failed:
+        while True:  # each rewrite drops at least one file, so this ends
+            if not samples:
+                raise DatasetError(f"--src {src}: no readable images ({len(skipped)} files skipped)")
+            log(f"writing {len(samples)} images to {out} ({opts.write_mode}, {workers} workers)")
+            failed = _write_beton(tmp, samples, opts, workers, chunk_size)
+            if not failed:
+                break
             # the reason, from the same check the workers ran ("changed on disk" if it passes now)
             skipped += [(samples[i][0], open_checked(samples[i][0], opts.max_res)[1] or "failed while writing")
                         for i in failed]
             bad = set(failed)
             samples = [s for i, s in enumerate(samples) if i not in bad]
-            if not samples:
-                raise DatasetError(f"--src {src}: no readable images ({len(skipped)} files skipped)")
             log(f"{len(failed)} files could not be read: writing again without them")
-            _write_beton(tmp, samples, opts, workers, chunk_size)
         write_classes(classes_path(out), listing.classes)
     counts = np.bincount([lab for _, lab in samples], minlength=len(listing.classes))
     warnings = [f"class {c!r} (index {i}) has no images; its index is kept"

@@ -65,6 +65,25 @@ def test_skips_corrupt_and_non_image_files(tmp_path):
     assert "truncated.jpg" in summary.format() and "notes.txt" in summary.format()
 
 
+def test_a_file_failing_in_a_rewrite_is_skipped_too(demo_betons, tmp_path, monkeypatch):
+    # files that fail while writing are dropped and the output rewritten, until a pass is clean:
+    # a second failure (say, a file changed on disk meanwhile) must not stay in as a placeholder
+    real, calls = write_ffcv._write_beton, []
+
+    def flaky(path, samples, *args):
+        calls.append([p for p, _ in samples])
+        failed = real(path, samples, *args)
+        return failed or ([0] if len(calls) < 3 else [])  # the first file of passes 1 and 2 "fails"
+
+    monkeypatch.setattr(write_ffcv, "_write_beton", flaky)
+    summary = convert(demo_betons.root / "val", tmp_path / "o.beton", **QUIET)
+    assert len(calls) == 3 and [len(c) for c in calls] == [20, 19, 18]
+    assert [p for p, _ in summary.skipped] == [calls[0][0], calls[1][0]]
+    assert all(r == "failed while writing" for _, r in summary.skipped)  # both files read fine now
+    _, labels = read_beton(summary.out, with_images=False)
+    assert summary.images == labels.size == 18
+
+
 def test_refuses_to_overwrite_without_force(demo_betons, tmp_path):
     out = tmp_path / "x.beton"
     out.write_bytes(b"precious")
