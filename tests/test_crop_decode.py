@@ -129,11 +129,17 @@ def test_centre_crop_is_ffcvs_pixel_for_pixel(photo_beton):
 
 PROBE = """
 import sys
+from numba.core import event
 from fastssl.data import decoders, make_eval_loader, make_pretrain_loader, normalize
+compiled = []
+class Compiles(event.Listener):
+    def on_start(self, ev): pass
+    def on_end(self, ev): compiled.append(ev.data["dispatcher"])
+event.register("numba:compile", Compiles())
 next(iter(make_pretrain_loader(sys.argv[1], 8, 64, 2, seed=0)))
 next(iter(make_eval_loader(sys.argv[1], 8, 64, num_workers=2)))
 kernels = (decoders.decode_batch, normalize.normalise)
-print(sum(len(k.stats.cache_misses) for k in kernels), sum(len(k.stats.cache_hits) for k in kernels))
+print(sum(len(k.stats.cache_misses) for k in kernels), sum(len(k.stats.cache_hits) for k in kernels), len(compiled))
 """
 
 
@@ -142,6 +148,7 @@ def test_kernels_compile_once_per_machine_not_per_process(photo_beton, tmp_path)
     runs = [subprocess.run([sys.executable, "-c", PROBE, str(photo_beton)], env=env, capture_output=True,
                            text=True, timeout=300) for _ in range(2)]
     assert [r.returncode for r in runs] == [0, 0], runs[0].stderr[-2000:] + runs[1].stderr[-2000:]
-    (miss1, hit1), (miss2, hit2) = (map(int, r.stdout.split()[-2:]) for r in runs)
-    assert miss1 >= 2 and hit1 == 0  # a cold cache: both kernels compiled (and stored) ...
-    assert miss2 == 0 and hit2 == miss1  # ... a new process loads every one of them
+    (miss1, hit1, compiled1), (miss2, hit2, compiled2) = (map(int, r.stdout.split()[-3:]) for r in runs)
+    assert miss1 >= 2 and hit1 == 0 and compiled1 > 0  # a cold cache: both kernels compiled (and stored) ...
+    assert miss2 == 0 and hit2 == miss1  # ... a new process loads every one of them ...
+    assert compiled2 == 0  # ... and compiles nothing, not even per Loader

@@ -121,8 +121,10 @@ def test_crop_sampler_matches_torchvision_distribution():
     assert ours[5] != sample_crop_flip(0, 1, 5, h_img, w_img, np.array(scale), np.array(ratio), 0.5)
 
 
-def test_eval_loader_centre_crop_is_exact(demo_betons):
-    loader = make_eval_loader(demo_betons.val, 8, res=demo_betons.size // 2, crop_ratio=0.5, num_workers=1)
+@pytest.mark.parametrize("os_cache", [True, False])  # each memory manager's byte lookup
+def test_eval_loader_centre_crop_is_exact(demo_betons, os_cache):
+    loader = make_eval_loader(demo_betons.val, 8, res=demo_betons.size // 2, crop_ratio=0.5, num_workers=1,
+                              os_cache=os_cache)
     batches = list(loader)
     images, labels = read_beton(demo_betons.val)
     assert [len(y) for _, y in batches] == [8, 8, 4]  # no drop_last

@@ -1,4 +1,4 @@
-"""ffcv image decoders: a seeded RandomResizedCrop + flip, and a centre crop, each compiled once per
+"""ffcv decoders: a seeded RandomResizedCrop + flip, and a centre crop, each compiled once per
 machine instead of once per Loader.
 
 Seeded: in ffcv 1.0.2 ``RandomResizedCropRGBImageDecoder`` (``get_random_crop``) and
@@ -15,8 +15,9 @@ Compiled once: ffcv has numba compile every operation's code when a Loader first
 random crop, ~1 s for a centre crop on 2 cores, paid by every process for every loader it builds (a
 linear probe builds two, the test suite hundreds). Here the per-batch work is in module-level kernels
 kept in numba's on-disk cache (``cache=True``: ``__pycache__`` beside this file, or
-``NUMBA_CACHE_DIR``); what ffcv compiles per Loader is a small closure that finds each sample's bytes
-and calls them. The kernels reach C (the crop-aware JPEG decoder, ffcv's ``imdecode`` and ``resize``)
+``NUMBA_CACHE_DIR``); around them, the decoder's per-batch code is a few vectorised numpy lines that
+run as Python, so its Loader is built with ffcv's compiler off and a warm process compiles nothing
+(the labels get a vectorised decoder for the same reason). The kernels reach C (the crop-aware JPEG decoder, ffcv's ``imdecode`` and ``resize``)
 by symbol name, because numba will not cache code that holds one process's ctypes pointers. Every
 numba function they call lives in this file: numba's cache notices edits to the kernel's own file only.
 
@@ -29,13 +30,17 @@ does; the centre crop always does (ffcv's ``CenterCropRGBImageDecoder``, pixel f
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
+from typing import Iterator
 
 import numba
 import numpy as np
+from ffcv.fields.decoders import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, ResizedCropRGBImageDecoder
 from ffcv.libffcv import ctypes_imdecode, ctypes_resize
 from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
 from llvmlite import binding as llvm
 from numba import types
 
@@ -167,8 +172,27 @@ def decode_batch(indices, metadata, where, out, temp, epoch, seed, params, rando
     return failed.sum()
 
 
-class _CachedCropDecoder(ResizedCropRGBImageDecoder):
-    """A crop decoder whose pixels come from :func:`decode_batch`."""
+def locate_samples(batch_indices, metadata, storage_state, where) -> None:
+    """``where[k]`` = the memory address and size of sample ``batch_indices[k]``'s bytes: ffcv's
+    memory readers, vectorised over the batch. ``storage_state`` is the Loader's memory manager's:
+    (file map, sorted sample addresses, their sizes) for the page cache (``os_cache=True``), plus a
+    page-to-slot table for ffcv's process cache, whose file map is a (slots, page size) array."""
+    addresses = metadata["data_ptr"][batch_indices]
+    file_map, all_addresses, sizes = storage_state[:3]
+    if len(storage_state) == 3:
+        where[:len(addresses), 0] = file_map.ctypes.data + addresses
+    else:
+        page_size = np.uint64(file_map.shape[1])
+        page = addresses // page_size
+        slot = storage_state[3][page].astype(np.uint64)
+        where[:len(addresses), 0] = file_map.ctypes.data + slot * np.uint64(file_map.strides[0]) + addresses - page * page_size
+    where[:len(addresses), 1] = sizes[np.searchsorted(all_addresses, addresses)]
+
+
+class CachedKernelDecoder(ResizedCropRGBImageDecoder):
+    """A crop decoder whose pixels come from :func:`decode_batch`. Its per-batch code is Python (a
+    byte lookup and one kernel call, which releases the GIL): build its Loader with ffcv's compiler
+    off (:func:`ffcv_compiler`), or ffcv compiles that glue again for every Loader."""
 
     def __init__(self, output_size: tuple[int, int], random: bool, params: np.ndarray, seed: int = 0,
                  crop_decode: bool = False):
@@ -189,15 +213,11 @@ class _CachedCropDecoder(ResizedCropRGBImageDecoder):
         return sample_crop_flip if self.random else center_crop
 
     def generate_code(self):
-        # The only code ffcv compiles per Loader: keep it to the reader (a closure of ffcv's) and a call.
-        mem_read, seed, params = self.memory_read, np.uint64(self.seed), self.params
-        random, crop_decode = self.random, self.crop_decode
+        seed, params, random, crop_decode = np.uint64(self.seed), self.params, self.random, self.crop_decode
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp_storage, epoch_carrier, where = my_storage
-            for k in range(len(batch_indices)):
-                data = mem_read(metadata[batch_indices[k]]["data_ptr"], storage_state)
-                where[k, 0], where[k, 1] = data.ctypes.data, data.size
+            locate_samples(batch_indices, metadata, storage_state, where)
             if decode_batch(batch_indices, metadata, where, destination, temp_storage, epoch_carrier.shape[2] - 1,
                             seed, params, random, crop_decode):
                 raise ValueError("corrupt JPEG in the dataset")
@@ -206,7 +226,32 @@ class _CachedCropDecoder(ResizedCropRGBImageDecoder):
         return decode
 
 
-class SeededRandomResizedCropFlip(_CachedCropDecoder):
+class Labels(IntDecoder):
+    """ffcv's ``IntDecoder`` as one vectorised gather, for Loaders built with the compiler off."""
+
+    def generate_code(self):
+        def decode(batch_indices, destination, metadata, storage_state):
+            out = destination[:len(batch_indices)]  # (B, 1)
+            out[:, 0] = metadata[batch_indices]
+            return out
+
+        return decode
+
+
+@contextlib.contextmanager
+def ffcv_compiler(enabled: bool) -> Iterator[None]:
+    """ffcv's numba compilation of pipeline code on (its default) or off while building a Loader: ffcv
+    compiles every operation's code for every Loader (~0.3 s per decoder on 2 cores); the decoders
+    here keep their work in kernels compiled once per machine and need no more."""
+    before = Compiler.is_enabled
+    Compiler.set_enabled(enabled)
+    try:
+        yield
+    finally:
+        Compiler.set_enabled(before)
+
+
+class SeededRandomResizedCropFlip(CachedKernelDecoder):
     """Decode + RandomResizedCrop(output_size, scale, ratio) + horizontal flip(flip_prob), seeded.
 
     Set :attr:`epoch` before iterating the Loader; change :attr:`output_size` between epochs to change
@@ -220,7 +265,7 @@ class SeededRandomResizedCropFlip(_CachedCropDecoder):
         super().__init__(output_size, True, params, seed, crop_decode)
 
 
-class CenterCrop(_CachedCropDecoder):
+class CenterCrop(CachedKernelDecoder):
     """ffcv's ``CenterCropRGBImageDecoder``, pixel for pixel: the centre square of ``ratio`` x the
     short side, resized to ``output_size``."""
 

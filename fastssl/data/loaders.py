@@ -119,10 +119,10 @@ def _epoch_iterator() -> type:
 def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: bool, num_workers: int,
            seed: int, distributed: bool, device: torch.device, drop_last: bool, os_cache: bool,
            dtype: torch.dtype, batches_ahead: int, indices: Sequence[int] | None = None) -> FFCVLoader:
-    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
+    from .decoders import CachedKernelDecoder, Labels, ffcv_compiler
     from .normalize import NormalizeToFresh
 
     device = torch.device(device)
@@ -134,12 +134,14 @@ def _build(path: str | os.PathLike, batch_size: int, decoder, *, order_random: b
                 ToTensor()]
     pipelines = {
         "image": [decoder, *tail, ToTorchImage(channels_last=True)],
-        "label": [IntDecoder(), ToTensor(), *to_device],
+        "label": [Labels(), ToTensor(), *to_device],
     }
-    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
-                    order=OrderOption.RANDOM if order_random else OrderOption.SEQUENTIAL,
-                    distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
-                    batches_ahead=batches_ahead, indices=indices)
+    # Our decoders' work is compiled once per machine; ffcv's stock ones need its per-Loader compile.
+    with ffcv_compiler(enabled=not isinstance(decoder, CachedKernelDecoder)):
+        loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers, os_cache=os_cache,
+                        order=OrderOption.RANDOM if order_random else OrderOption.SEQUENTIAL,
+                        distributed=distributed, seed=seed, pipelines=pipelines, drop_last=drop_last,
+                        batches_ahead=batches_ahead, indices=indices)
     return FFCVLoader(loader, decoder, device, dtype)
 
 
