@@ -17,9 +17,10 @@ linear probe builds two, the test suite hundreds). Here the per-batch work is in
 kept in numba's on-disk cache (``cache=True``: ``__pycache__`` beside this file, or
 ``NUMBA_CACHE_DIR``); around them, the decoder's per-batch code is a few vectorised numpy lines that
 run as Python, so its Loader is built with ffcv's compiler off and a warm process compiles nothing
-(the labels get a vectorised decoder for the same reason). The kernels reach C (the crop-aware JPEG decoder, ffcv's ``imdecode`` and ``resize``)
-by symbol name, because numba will not cache code that holds one process's ctypes pointers. Every
-numba function they call lives in this file: numba's cache notices edits to the kernel's own file only.
+(the labels get a vectorised decoder for the same reason). The kernels reach C (the crop-aware JPEG
+decoder, ffcv's ``imdecode`` and ``resize``) by symbol name, because numba will not cache code that
+holds one process's ctypes pointers. Every numba function they call lives in this file: numba's
+cache notices edits to the kernel's own file only.
 
 JPEGs go through the crop-aware decoder (:mod:`fastssl.data.jpeg_crop`) by default: it decodes only
 the crop box, at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) that keeps the crop at least at the
@@ -182,10 +183,10 @@ def locate_samples(batch_indices, metadata, storage_state, where) -> None:
     if len(storage_state) == 3:
         where[:len(addresses), 0] = file_map.ctypes.data + addresses
     else:
-        page_size = np.uint64(file_map.shape[1])
+        page_size = np.uint64(file_map.shape[1])  # rows are pages: row stride == page size
         page = addresses // page_size
         slot = storage_state[3][page].astype(np.uint64)
-        where[:len(addresses), 0] = file_map.ctypes.data + slot * np.uint64(file_map.strides[0]) + addresses - page * page_size
+        where[:len(addresses), 0] = file_map.ctypes.data + slot * page_size + addresses - page * page_size
     where[:len(addresses), 1] = sizes[np.searchsorted(all_addresses, addresses)]
 
 
