@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
                 jobs[f"convert {n}"] = partial(run_convert, roots[n], tmp / "out.beton", max_res, a.workers)
                 jobs[f"plain loop {n}"] = partial(plain_loop, files[n], tmp / "out.bin", max_res, a.workers)
             stats = measure_interleaved(jobs, a.runs)
-            seconds = {k: int(k.split()[-1]) / m["median"] for k, m in stats.items()}
-            per_image = {w: (images - half) / (seconds[f"{w} {images}"] - seconds[f"{w} {half}"])
+            seconds = {(w, n): n / stats[f"{w} {n}"]["median"] for w in ("convert", "plain loop")
+                       for n in (half, images)}
+            per_image = {w: (images - half) / (seconds[w, images] - seconds[w, half])
                          for w in ("convert", "plain loop")}
             results["max_res"][max_res] = {"runs": stats, "per_image": per_image}
             base = stats[f"plain loop {images}"]["median"]

@@ -192,8 +192,8 @@ def locate_samples(batch_indices, metadata, storage_state, where) -> None:
 
 class CachedKernelDecoder(ResizedCropRGBImageDecoder):
     """A crop decoder whose pixels come from :func:`decode_batch`. Its per-batch code is Python (a
-    byte lookup and one kernel call, which releases the GIL): build its Loader with ffcv's compiler
-    off (:func:`ffcv_compiler`), or ffcv compiles that glue again for every Loader."""
+    byte lookup and one kernel call, which releases the GIL) that numba cannot compile: build its
+    Loader with ffcv's compiler off (:func:`ffcv_compiler`, as ``loaders._build`` does)."""
 
     def __init__(self, output_size: tuple[int, int], random: bool, params: np.ndarray, seed: int = 0,
                  crop_decode: bool = False):
