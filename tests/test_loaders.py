@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -153,3 +154,18 @@ def test_batches_are_fresh_and_exactly_normalised(demo_betons):
     assert len(kept) > 3 and sums == [float(x.double().sum()) for x in kept]
     grey = _denormalise(torch.cat(kept))
     assert (grey - grey.round()).abs().max() < 1e-3  # (level - mean) / std of uint8 levels, undone
+
+
+def test_an_epoch_left_early_stops_its_thread(demo_betons):
+    # a training loop's `break` (say, before a partial accumulation window at the epoch's end): ffcv
+    # 1.0.2 kept that epoch's thread and batch buffers alive, polling its full queue forever
+    loader = make_pretrain_loader(demo_betons.train, 4, res=24, num_workers=1, seed=1, batches_ahead=1)
+    before = set(threading.enumerate())
+    for _ in range(3):
+        for i, _ in enumerate(loader):
+            if i == 1:
+                break
+    assert set(threading.enumerate()) == before  # no pipeline thread left behind
+    fresh = make_pretrain_loader(demo_betons.train, 4, res=24, num_workers=1, seed=1, batches_ahead=1)
+    for (a, ya), (b, yb) in zip(_epoch(loader, 3), _epoch(fresh, 3), strict=True):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
