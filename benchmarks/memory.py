@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import threading
 
 import psutil
-
-import threading
 
 from .common import fail, print_table, write_results
 from .photos import photo_beton
