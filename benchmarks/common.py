@@ -70,12 +70,15 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     return text
 
 
-def write_results(name: str, payload: dict, bars: dict[str, float] | None = None) -> Path:
-    """``results/<name>.json`` (atomically) and, given ``bars`` (label -> value), ``results/<name>.png``."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = atomic.write_text(RESULTS / f"{name}.json", json.dumps({"machine": machine(), **payload}, indent=1))
+def write_results(name: str, payload: dict, bars: dict[str, float] | None = None, *, quick: bool = False) -> Path:
+    """``results/<name>.json`` (atomically) and, given ``bars`` (label -> value), ``results/<name>.png``.
+    ``quick`` runs go to ``results/quick/`` (git-ignored): a quick check never replaces the published
+    figures."""
+    folder = RESULTS / "quick" if quick else RESULTS
+    folder.mkdir(parents=True, exist_ok=True)
+    out = atomic.write_text(folder / f"{name}.json", json.dumps({"machine": machine(), **payload}, indent=1))
     if bars:
-        _bar_png(RESULTS / f"{name}.png", name, bars)
+        _bar_png(folder / f"{name}.png", name, bars)
     return out
 
 

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         for r in rows])
     results = {"init": init, "recipe": args.recipe, "overrides": args.overrides, "seeds": args.seeds,
                "tolerance": TOLERANCE, "rows": rows, "runs": runs}
-    print(f"wrote {write_results('linprobe_cache', results)}")
+    print(f"wrote {write_results('linprobe_cache', results, quick=args.quick)}")
     return results
 
 

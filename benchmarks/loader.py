@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                         ["res", "loader", "img/s (median ± half-spread)", "vs PIL", "vs limit"], rows)
     results["table"] = table
     bars = {f"{r} {k}": m["median"] for r, s in results["loaders"].items() for k, m in s.items()}
-    write_results("loader", results, bars)
+    write_results("loader", results, bars, quick=a.quick)
     return results
 
 

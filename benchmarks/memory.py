@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"workers": a.workers, "batch": a.batch, "res": res, "images": images,
                "beton_mib": beton.stat().st_size / MIB, "before_loader": before, "runs": runs, "table": table}
     write_results("memory", results, {f"{mode}: epoch {k} RSS": e["rss"]
-                                      for mode, r in runs.items() for k, e in enumerate(r["epochs"])})
+                                      for mode, r in runs.items() for k, e in enumerate(r["epochs"])}, quick=a.quick)
     return results
 
 

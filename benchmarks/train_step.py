@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> dict:
     results["table"] = table
     bars = {f"{s} {k}": m["median"] / r["variants"]["naive"]["median"]
             for s, r in results["sizes"].items() for k, m in r["variants"].items()}
-    write_results("train_step", results, bars)
+    # a GPU run has a file of its own: a later CPU run must not replace the MFU recipe_compute uses
+    write_results("train_step_gpu" if gpu else "train_step", results, bars, quick=a.quick)
     return results
 
 
