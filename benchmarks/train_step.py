@@ -35,7 +35,7 @@ from fastssl.progressive import Stage
 
 from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 
-NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0}  # dense, SXM
+NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense, SXM (H200: H100 tensor cores, more HBM)
 MASK_RATIO = 0.75
 
 
