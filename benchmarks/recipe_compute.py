@@ -30,12 +30,11 @@ from fastssl.config import ConfigError, PretrainConfig, load_config
 from fastssl.demo import make_demo_betons
 
 from .common import RESULTS, fail, fmt_rate, print_table, summarize, write_results
-from .train_step import NOMINAL_BF16_TFLOPS
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 GPUS = 8
-A100_PEAK = NOMINAL_BF16_TFLOPS["A100"] * 1e12
+A100_PEAK = flops.NOMINAL_BF16_TFLOPS["A100"] * 1e12
 ASSUMED_MFU = 0.40  # the goal for MAE-B/16 at 224 px in bf16
 # fixed-size baseline -> the recipes compared with it
 IMAGENET_PAIRS = {

@@ -35,7 +35,6 @@ from fastssl.progressive import Stage
 
 from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 
-NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense, SXM (H200: H100 tensor cores, more HBM)
 MASK_RATIO = 0.75
 
 
@@ -132,13 +131,6 @@ def bench_size(size: str, res: int, batch: int, steps: int, runs: int, variants:
     return {k: {**out[k], **m} for k, m in stats.items()}
 
 
-def _nominal_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name()
-    return next((v * 1e12 for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="micro + tiny, small batch, compile for micro only")
@@ -172,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     n = 8192 if gpu else 1024
     peak = {"bf16": matmul_peak(device, torch.bfloat16, n, 20 if gpu else 2),
             "fp32": matmul_peak(device, torch.float32, n, 20 if gpu else 2)}
-    nominal = _nominal_peak(device)
+    nominal = flops.device_peak_flops(device)
     results = {"device": str(device), "res": a.res, "batch": batch, "steps_per_run": steps,
                "mask_ratio": MASK_RATIO, "matmul_peak_flops": peak, "nominal_bf16_peak_flops": nominal,
                "sizes": {}}

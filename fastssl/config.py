@@ -60,6 +60,9 @@ class LogConfig:
     every_steps: int = 20
     recon_every_epochs: int = 0  # 0: never; else save a reconstruction PNG grid every N epochs
     progress: bool = True
+    # per-GPU dense peak (TFLOP/s) for the logged MFU; null: the nominal bf16 peak of an A100, H100
+    # or H200 by the device's name (no MFU logged on other devices)
+    peak_tflops: Optional[float] = None
 
 
 @dataclass
@@ -114,6 +117,8 @@ class RunConfig:
         _check(self.checkpoint.every_epochs >= 0, "checkpoint.every_epochs", self.checkpoint.every_epochs, "must be >= 0")
         _check(self.checkpoint.every_steps >= 0, "checkpoint.every_steps", self.checkpoint.every_steps, "must be >= 0")
         _check(self.log.every_steps > 0, "log.every_steps", self.log.every_steps, "must be > 0")
+        _check(self.log.peak_tflops is None or self.log.peak_tflops > 0, "log.peak_tflops", self.log.peak_tflops,
+               "must be > 0 or null")
 
     def micro_batch(self, world_size: int) -> int:
         """Images per process per forward pass: batch_size / (world_size x accum_steps)."""

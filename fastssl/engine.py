@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastssl import atomic, checkpoint, dist, optim, stop
 from fastssl.config import RunConfig, to_dict
+from fastssl.flops import device_peak_flops
 from fastssl.logger import RunLogger
 from fastssl.progressive import Schedule, Stage, batch_split
 
@@ -92,6 +93,34 @@ def seed_position(seed: int, position: int, info: dist.DistInfo) -> None:
         torch.cuda.manual_seed(s)
 
 
+class LoaderWait:
+    """Seconds the training thread spent blocked on the loader since the last `take()`, whose share
+    of wall time says how loader-bound a run is. ffcv's pipeline thread does not block on the GPU
+    (its batch slots are guarded by CUDA events), so this is time the loader was behind."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        it = iter(batches)
+        try:
+            while True:
+                t = time.perf_counter()
+                batch = next(it, None)
+                self.seconds += time.perf_counter() - t
+                if batch is None:
+                    return
+                yield batch
+        finally:  # left early (the epoch's last partial window, a stop): the loader's epoch ends too
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def take(self) -> float:
+        seconds, self.seconds = self.seconds, 0.0
+        return seconds
+
+
 def compiled(model: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
     """torch.compile with static shapes: a progressive run has a handful of stage shapes, each worth
     its own specialised graph (one compile per new stage; dynamic shapes would trade speed for
@@ -111,9 +140,11 @@ def fit(
     on_epoch_end: Callable[[int, nn.Module], dict] | None = None,
     extra_state: dict[str, Stateful] | None = None,
     stages: StageHook | None = None,
+    flops_per_image: Callable[[Stage], float] | None = None,
 ) -> Progress:
     """Train to `cfg.epochs`, resuming from the run folder. `extra_state` objects (an EMA, a best-
-    metric tracker) are saved in every checkpoint under their names and restored on resume."""
+    metric tracker) are saved in every checkpoint under their names and restored on resume. With
+    `flops_per_image` (training FLOPs at a stage) and a known device peak, each log line has the MFU."""
     extra_state = extra_state or {}
     micro_per_epoch = (len(loader) // cfg.accum_steps) * cfg.accum_steps
     if micro_per_epoch == 0:
@@ -163,10 +194,12 @@ def fit(
         dist.barrier()
 
     loss_sum = torch.zeros((), device=info.device)
-    n_logged, t_log = 0, time.perf_counter()
+    n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0
+    waited = LoaderWait()
+    peak = device_peak_flops(info.device, cfg.log.peak_tflops) if flops_per_image else None
 
     def check_and_log(force: bool = False) -> None:
-        nonlocal loss_sum, n_logged, t_log
+        nonlocal loss_sum, n_logged, t_log, flops_done
         if n_logged == 0 or not (force or progress.step % cfg.log.every_steps == 0):
             return
         mean = dist.all_reduce_mean(loss_sum / n_logged).item()
@@ -176,12 +209,15 @@ def fit(
                 f"(lr {optimizer.param_groups[0]['lr']:.3g}); the last checkpoint in "
                 f"{checkpoint.checkpoint_dir(cfg.run_dir)} is intact: lower the lr or use fp32/bf16"
             )
-        elapsed = time.perf_counter() - t_log
-        logger.log({"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
-                    "img_per_s": n_logged * cfg.batch_size / max(elapsed, 1e-9)},
-                   progress.step)
+        elapsed = max(time.perf_counter() - t_log, 1e-9)
+        metrics = {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
+                   "img_per_s": n_logged * cfg.batch_size / elapsed,
+                   "data_wait": min(waited.take() / elapsed, 1.0)}
+        if peak is not None:
+            metrics["mfu"] = flops_done / elapsed / (peak * info.world_size)
+        logger.log(metrics, progress.step)
         loss_sum.zero_()
-        n_logged, t_log = 0, time.perf_counter()
+        n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0
 
     logged_stage = None
     for epoch in range(progress.epoch, cfg.epochs):
@@ -211,7 +247,8 @@ def fit(
         loader.set_epoch(epoch, start_batch=progress.micro)  # after a mid-epoch resume: the rest
         model.train()
         bar = _progress_bar(info, cfg, micro_per_epoch, progress.micro, epoch)
-        for i, (imgs, labels) in enumerate(loader, start=progress.micro):
+        step_flops = flops_per_image(stage) * cfg.batch_size if flops_per_image else 0.0
+        for i, (imgs, labels) in enumerate(waited.timed(loader), start=progress.micro):
             if i >= micro_per_epoch:
                 break  # a partial accumulation window at the epoch end would skew the step
             seed_position(cfg.seed, epoch * steps_per_epoch * max_accum + i, info)
@@ -240,6 +277,7 @@ def fit(
             if stages is not None:
                 stages.after_step(progress.step)
             n_logged += 1
+            flops_done += step_flops
             check_and_log()
             if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
                 check_and_log(force=True)

@@ -11,12 +11,15 @@ import argparse
 import json
 import sys
 
+import torch
+
 from fastssl.config import ConfigError, PretrainConfig, load_config
 from fastssl.models import len_keep
 from fastssl.models.sizes import get_size
 from fastssl.progressive import Stage, from_config
 
 IMAGENET_TRAIN = 1_281_167
+NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense, SXM (H200: H100 tensor cores)
 
 
 def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
@@ -42,6 +45,17 @@ def mae_flops(size: str, patch_size: int, res: int, mask_ratio: float, depth: in
 def train_flops_per_image(size: str, patch_size: int, stage: Stage) -> int:
     f = mae_flops(size, patch_size, stage.res, stage.mask_ratio, stage.depth)
     return 3 * (f["encoder"] + f["decoder"]) - f["embed"]
+
+
+def device_peak_flops(device: torch.device, tflops: float | None = None) -> float | None:
+    """One device's dense peak in FLOP/s for MFU: `tflops` when given, else the nominal bf16 peak of a
+    GPU named in NOMINAL_BF16_TFLOPS, else None (unknown: no MFU)."""
+    if tflops is not None:
+        return tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
 
 
 def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:

@@ -4,9 +4,11 @@ Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
-from fastssl import cli, dist, engine, knn, optim, progressive, weights
+from fastssl import cli, dist, engine, flops, knn, optim, progressive, weights
 from fastssl.config import ConfigError, PretrainConfig, to_dict
 from fastssl.data import make_eval_loader, make_pretrain_loader
 from fastssl.logger import RunLogger
@@ -74,9 +76,13 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     def on_epoch_end(epoch: int, m) -> dict:
         return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
 
+    def flops_per_image(stage: progressive.Stage) -> int:  # as `python -m fastssl.flops` counts a recipe's
+        depth = stage.depth or len(model.blocks)  # an expanded or `model.depth` encoder: its own depth
+        return flops.train_flops_per_image(cfg.model.size, cfg.model.patch_size, replace(stage, depth=depth))
+
     try:
         return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
-                          stages=stages)
+                          stages=stages, flops_per_image=flops_per_image)
     finally:
         logger.close()
 

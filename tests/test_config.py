@@ -45,6 +45,7 @@ def test_every_recipe_loads(recipe):
     (["noequals"], "expected key=value"),
     (["knn.bank_per_class=0"], "knn.bank_per_class=0: must be >= 1, or null for the whole train split"),
     (["knn.bank_per_class=some"], "knn.bank_per_class='some': expected an integer"),
+    (["log.peak_tflops=0"], "log.peak_tflops=0.0: must be > 0 or null"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

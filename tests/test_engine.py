@@ -1,11 +1,12 @@
 """The training loop's mechanics on a synthetic loader: clipping, accumulation, LR schedule, checkpoints."""
 import math
+import time
 
 import pytest
 import torch
 from torch import nn
 
-from fastssl import checkpoint, dist, engine, optim, progressive
+from fastssl import checkpoint, dist, engine, flops, optim, progressive
 from fastssl.config import RunConfig
 from fastssl.logger import RunLogger
 
@@ -63,6 +64,61 @@ def run(tmp_path, *, batch, accum=1, epochs=1, clip=None, lr=0.1, warmup=0.0, n=
     stage = progressive.Stage(res=32, micro_batch=micro)
     engine.fit(cfg, info, model, opt, TensorLoader(x, y, batch), mse, lambda epoch: stage, logger)
     return model
+
+
+class SlowLoader(TensorLoader):
+    """Each batch takes `delay` seconds to arrive: a loader-bound run."""
+
+    delay = 0.2
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            time.sleep(self.delay)
+            yield batch
+
+
+class RecordingLogger:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, metrics, step):
+        self.lines.append(metrics)
+
+
+def logged_lines(tmp_path, loader_cls, peak_tflops=None):
+    cfg = RunConfig(run_dir=str(tmp_path), epochs=1, batch_size=4, precision="fp32")
+    cfg.log.progress, cfg.log.every_steps, cfg.log.peak_tflops = False, 2, peak_tflops
+    model = nn.Linear(4, 1)
+    loader = loader_cls(torch.randn(16, 4), torch.randn(16, 1), batch=4)
+    logger = RecordingLogger()
+    engine.fit(cfg, dist.DistInfo(), model, torch.optim.SGD(model.parameters(), lr=0.1), loader, mse,
+               progressive.constant(32), logger, flops_per_image=lambda stage: 1e9)
+    return [r for r in logger.lines if "train/loss" in r]
+
+
+def test_logged_loader_wait_is_the_share_of_time_spent_waiting_for_batches(tmp_path):
+    slow = logged_lines(tmp_path / "slow", SlowLoader)
+    fast = logged_lines(tmp_path / "fast", TensorLoader)
+    assert len(slow) == len(fast) == 2  # 4 steps, a line every 2
+    assert all(r["data_wait"] > 0.5 for r in slow)  # 0.2 s sleeps around a linear model's steps
+    assert max(r["data_wait"] for r in fast) < min(r["data_wait"] for r in slow)
+
+
+def test_mfu_is_logged_against_the_given_peak_and_only_with_one(tmp_path):
+    lines = logged_lines(tmp_path / "a", TensorLoader, peak_tflops=2.0)
+    for r in lines:  # 1 GFLOP an image against 2 TFLOP/s
+        assert r["mfu"] == pytest.approx(r["img_per_s"] * 1e9 / 2e12, rel=1e-9)
+    assert all("mfu" not in r for r in logged_lines(tmp_path / "b", TensorLoader))  # a CPU: no nominal peak
+
+
+def test_device_peak_flops_names_known_gpus(monkeypatch):
+    assert flops.device_peak_flops(torch.device("cpu")) is None
+    assert flops.device_peak_flops(torch.device("cpu"), tflops=3.5) == 3.5e12
+    cuda = torch.device("cuda")
+    for name, tflops in [("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989),
+                         ("Tesla V100-SXM2-32GB", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert flops.device_peak_flops(cuda) == (tflops and tflops * 1e12)
 
 
 def test_clipping_bounds_the_gradient_norm(tmp_path):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint, linprobe, pretrain
+from fastssl import checkpoint, flops, linprobe, pretrain
 from fastssl.config import LinProbeConfig, PretrainConfig, load_config
+from fastssl.progressive import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "recipes/demo/pretrain_cpu.yaml"
@@ -32,7 +33,7 @@ def final_weights(run_dir) -> dict:
 def pretrained(demo_betons, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     cfg = load_config(PretrainConfig, PRETRAIN, small(demo_betons, run_dir, "log.recon_every_epochs=3",
-                                                      "log.every_steps=2"))
+                                                      "log.every_steps=2", "log.peak_tflops=0.5"))
     progress = pretrain.run(cfg)
     return run_dir, progress
 
@@ -52,6 +53,16 @@ def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
     from PIL import Image
     w, h = Image.open(png).size
     assert (w, h) == (3 * 32, 8 * 32)  # original | masked | reconstruction, 8 rows
+
+
+def test_log_lines_carry_throughput_loader_wait_and_mfu(pretrained):
+    run_dir, _ = pretrained
+    lines = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "train/loss" in r]
+    per_image = flops.train_flops_per_image("micro", 8, Stage(res=32, mask_ratio=0.75))  # the recipe's model
+    assert len(lines) == 6  # 3 epochs x 4 steps, a line every 2 steps
+    for r in lines:
+        assert r["img_per_s"] > 0 and 0 <= r["data_wait"] <= 1
+        assert r["mfu"] == pytest.approx(r["img_per_s"] * per_image / 0.5e12, rel=1e-9)  # log.peak_tflops=0.5
 
 
 def test_killed_run_resumes_to_identical_weights(demo_betons, tmp_path):
