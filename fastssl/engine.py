@@ -194,12 +194,11 @@ def fit(
         dist.barrier()
 
     loss_sum = torch.zeros((), device=info.device)
-    n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0
+    n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0  # the current log window's
     waited = LoaderWait()
     peak = device_peak_flops(info.device, cfg.log.peak_tflops) if flops_per_image else None
 
     def check_and_log(force: bool = False) -> None:
-        nonlocal loss_sum, n_logged, t_log, flops_done
         if n_logged == 0 or not (force or progress.step % cfg.log.every_steps == 0):
             return
         mean = dist.all_reduce_mean(loss_sum / n_logged).item()
@@ -217,7 +216,12 @@ def fit(
             metrics["mfu"] = flops_done / elapsed / (peak * info.world_size)
         logger.log(metrics, progress.step)
         loss_sum.zero_()
+        start_window()
+
+    def start_window() -> None:  # after evaluation and checkpoints: rates measure training alone
+        nonlocal n_logged, t_log, flops_done
         n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0
+        waited.take()
 
     logged_stage = None
     for epoch in range(progress.epoch, cfg.epochs):
@@ -248,6 +252,7 @@ def fit(
         model.train()
         bar = _progress_bar(info, cfg, micro_per_epoch, progress.micro, epoch)
         step_flops = flops_per_image(stage) * cfg.batch_size if flops_per_image else 0.0
+        start_window()
         for i, (imgs, labels) in enumerate(waited.timed(loader), start=progress.micro):
             if i >= micro_per_epoch:
                 break  # a partial accumulation window at the epoch end would skew the step
@@ -282,6 +287,7 @@ def fit(
             if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
                 check_and_log(force=True)
                 save()
+                start_window()
             if stop.agreed(info.device):  # a timeout or preemption signal: the requeued job resumes here
                 check_and_log(force=True)
                 save()
