@@ -4,7 +4,7 @@ Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from functools import partial
 
 import torch
 
@@ -76,13 +76,11 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     def on_epoch_end(epoch: int, m) -> dict:
         return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
 
-    def flops_per_image(stage: progressive.Stage) -> int:  # as `python -m fastssl.flops` counts a recipe's
-        depth = stage.depth or len(model.blocks)  # an expanded or `model.depth` encoder: its own depth
-        return flops.train_flops_per_image(cfg.model.size, cfg.model.patch_size, replace(stage, depth=depth))
-
     try:
         return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
-                          stages=stages, flops_per_image=flops_per_image)
+                          stages=stages,
+                          # as `python -m fastssl.flops` counts them; each stage carries its depth
+                          flops_per_image=partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
     finally:
         logger.close()
 
