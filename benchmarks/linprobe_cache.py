@@ -22,9 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import print_table, write_results  # noqa: E402
-from fastssl import checkpoint, linprobe  # noqa: E402
 from fastssl.config import LinProbeConfig, load_config  # noqa: E402
 from fastssl.demo import make_demo_betons  # noqa: E402
+from fastssl.eval import linprobe  # noqa: E402
+from fastssl.train import checkpoint  # noqa: E402
 
 TOLERANCE = 0.5  # top-1 points, issue #4
 

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import fail  # noqa: E402
-from fastssl import checkpoint, flops  # noqa: E402
-from fastssl.demo import make_demo_betons  # noqa: E402
 from fastssl.config import PretrainConfig, load_config  # noqa: E402
+from fastssl.demo import make_demo_betons  # noqa: E402
+from fastssl.train import checkpoint, flops  # noqa: E402
 
 RECIPES = {"baseline": "recipes/demo/pretrain_cpu.yaml", "fast": "recipes/demo/pretrain_cpu_fast.yaml"}
 

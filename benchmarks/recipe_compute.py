@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastssl import flops
 from fastssl.config import ConfigError, PretrainConfig, load_config
 from fastssl.demo import make_demo_betons
+from fastssl.train import flops
 
 from .common import RESULTS, fail, fmt_rate, print_table, summarize, write_results
 

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.progressive_demo import python  # noqa: E402
-from fastssl import checkpoint  # noqa: E402
 from fastssl.demo import make_demo_betons  # noqa: E402
+from fastssl.train import checkpoint  # noqa: E402
 
 PRETRAIN, PROBE = "recipes/demo/pretrain_cpu.yaml", "recipes/demo/linprobe_fast_cpu.yaml"
 SCALENET = "recipes/demo/scalenet_pretrain_cpu.yaml"

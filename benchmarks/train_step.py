@@ -8,7 +8,7 @@ same `build_mae(size)` weights:
   softmax, @v as three kernels), single-tensor AdamW -- the floor, no fusion anywhere;
 - ``eager fp32``: fused SDPA attention, foreach AdamW;
 - ``eager bf16``: the same under bf16 autocast;
-- ``eager bf16 fused``: + the fused AdamW kernel (`fastssl.optim.adamw`'s choice on CUDA);
+- ``eager bf16 fused``: + the fused AdamW kernel (`fastssl.train.optim.adamw`'s choice on CUDA);
 - ``compile bf16 fused``: + ``torch.compile`` of the model (as ``cfg.compile`` does); compile time is
   reported apart from the steady-state rate.
 
@@ -29,9 +29,9 @@ from functools import partial
 
 import torch
 
-from fastssl import flops
 from fastssl.models import build_mae, get_size
-from fastssl.progressive import Stage
+from fastssl.train import flops
+from fastssl.train.progressive import Stage
 
 from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 

@@ -231,7 +231,7 @@ class PretrainConfig(RunConfig):
                "must name a .beton file when knn.every_epochs > 0")
         _check(self.scalenet.adapter_lr_scale > 0, "scalenet.adapter_lr_scale", self.scalenet.adapter_lr_scale,
                "must be > 0")
-        from fastssl.progressive import from_config  # it imports this module
+        from fastssl.train.progressive import from_config  # it imports this module
 
         from_config(self)  # every schedule mistake, before anything runs
 

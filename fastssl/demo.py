@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fastssl import checkpoint
+from fastssl.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]  # scripts and recipes are named relative to the repo
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastssl.checkpoint import atomic_torch_save
 from fastssl.models import SIZES, build_mae, build_vit_encoder, load_encoder
 from fastssl.models import scalenet
 from fastssl.models.vit import encoder_state_dict
+from fastssl.train.checkpoint import atomic_torch_save
 
 
 class ExpandError(ValueError):

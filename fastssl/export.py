@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from fastssl import atomic, weights
+from fastssl import atomic
 from fastssl.config import ConfigError
 from fastssl.models import get_size
+from fastssl.models import weights
 
 _TIMM_NAMES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
 

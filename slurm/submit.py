@@ -1,10 +1,10 @@
-"""`python slurm/submit.py ENTRY RECIPE [options] [key=value ...]`: see fastssl/launcher.py and slurm/README.md."""
+"""`python slurm/submit.py ENTRY RECIPE [options] [key=value ...]`: see fastssl/run/launcher.py and slurm/README.md."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's fastssl
 
-from fastssl.launcher import main  # noqa: E402
+from fastssl.run.launcher import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

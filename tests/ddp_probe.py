@@ -1,6 +1,6 @@
 """Runs a pretrain in each of N processes and reports what each rank ended with (for test_slurm.py).
 
-Through Slurm: `run_job(recipe, overrides)` is what a submitit job calls (it goes through fastssl.job).
+Through Slurm: `run_job(recipe, overrides)` is what a submitit job calls (it goes through fastssl.run.job).
 Through torchrun: `torchrun --nproc-per-node 2 -m tests.ddp_probe OUT RECIPE key=value ...` writes
 OUT/rank<r>.json.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fastssl import engine
+from fastssl.train import engine
 
 
 def _recording_fit(report: dict):
@@ -45,7 +45,7 @@ def torchrun(module: str, *args: str, port: int, env: dict | None = None) -> sub
 
 
 def run_job(recipe: str, overrides: list[str]) -> dict:
-    from fastssl.job import Job
+    from fastssl.run.job import Job
 
     report: dict = {}
     _recording_fit(report)
@@ -54,7 +54,7 @@ def run_job(recipe: str, overrides: list[str]) -> dict:
 
 
 if __name__ == "__main__":
-    from fastssl import pretrain
+    from fastssl.train import pretrain
     from fastssl.config import PretrainConfig, load_config
 
     out, recipe, *overrides = sys.argv[1:]

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from fastssl import dist, pretrain, weights
 from fastssl.config import PretrainConfig, load_config
 from fastssl.models import build_mae, scalenet
+from fastssl.models import weights
+from fastssl.run import dist
+from fastssl.train import pretrain
 
 from tests.ddp_probe import _recording_fit
 from tests.test_scalenet import _perturb_adapters

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from benchmarks import recipe_compute as rc
-from fastssl import flops
 from fastssl.config import ConfigError, PretrainConfig, load_config
+from fastssl.train import flops
 
 FAST_DEMO = rc.ROOT / "recipes/demo/pretrain_cpu_fast.yaml"
 

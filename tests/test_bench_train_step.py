@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from benchmarks.train_step import mae_train_flops, set_fused_attn
-from fastssl import flops
 from fastssl.models import build_mae
-from fastssl.progressive import Stage
+from fastssl.train import flops
+from fastssl.train.progressive import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from test_engine import TensorLoader
 
-from fastssl import dist, engine, optim, progressive
 from fastssl.config import RunConfig
-from fastssl.logger import RunLogger
 from fastssl.models import build_mae
+from fastssl.run import dist
+from fastssl.train import engine, optim, progressive
+from fastssl.train.logger import RunLogger
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from fastssl import checkpoint, dist, engine, flops, optim, progressive
 from fastssl.config import RunConfig
-from fastssl.logger import RunLogger
+from fastssl.run import dist
+from fastssl.train import checkpoint, engine, flops, optim, progressive
+from fastssl.train.logger import RunLogger
 
 
 class TensorLoader:

@@ -4,10 +4,12 @@ import json
 import pytest
 import torch
 
-from fastssl import checkpoint, finetune, optim, weights
 from fastssl.config import ConfigError, FinetuneConfig, load_config
 from fastssl.data.batch_augment import BatchAugment, BatchRandAugment, parse_rand_augment, random_erasing
+from fastssl.eval import finetune
 from fastssl.models import build_mae, build_vit_encoder
+from fastssl.models import weights
+from fastssl.train import checkpoint, optim
 from tests.test_pretrain import ROOT
 
 FINETUNE = ROOT / "recipes/demo/finetune_cpu.yaml"

@@ -5,10 +5,11 @@ import math
 import numpy as np
 import torch
 
-from fastssl import knn, pretrain
-from fastssl.data import make_eval_loader, subset
 from fastssl.config import PretrainConfig, load_config
+from fastssl.data import make_eval_loader, subset
+from fastssl.eval import knn
 from fastssl.models import build_mae
+from fastssl.train import pretrain
 from tests.conftest import read_beton
 from tests.test_pretrain import PRETRAIN, ROOT, small
 

@@ -3,10 +3,12 @@ import json
 
 import torch
 
-from fastssl import checkpoint, dist, linprobe, optim
 from fastssl.config import LinProbeConfig, load_config
 from fastssl.data import make_pretrain_loader
+from fastssl.eval import linprobe
 from fastssl.models import build_mae, build_vit_encoder
+from fastssl.run import dist
+from fastssl.train import checkpoint, optim
 from tests.test_pretrain import LINPROBE
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint, flops, linprobe, pretrain
 from fastssl.config import LinProbeConfig, PretrainConfig, load_config
-from fastssl.progressive import Stage
+from fastssl.eval import linprobe
+from fastssl.train import checkpoint, flops, pretrain
+from fastssl.train.progressive import Stage
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "recipes/demo/pretrain_cpu.yaml"

@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastssl import cli, engine, flops, optim, progressive
 from fastssl.config import ConfigError, PretrainConfig, RampConfig, load_config
 from fastssl.models import build_mae, growth, len_keep
+from fastssl.run import cli
+from fastssl.train import engine, flops, optim, progressive
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -67,7 +68,7 @@ def test_bad_schedules_are_one_line_config_errors(override, message):
 
 
 def test_bad_schedule_exits_2_before_anything_runs(tmp_path, capsys):
-    from fastssl import pretrain
+    from fastssl.train import pretrain
 
     with pytest.raises(SystemExit) as e:
         cli.main(PretrainConfig, pretrain.run, "p", "d", [str(RECIPES / "mae_vit_base_800ep.yaml"),

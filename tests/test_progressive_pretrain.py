@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint, export, linprobe, pretrain
+from fastssl import export
 from fastssl.config import LinProbeConfig, PretrainConfig, load_config
+from fastssl.eval import linprobe
 from fastssl.models import build_mae
+from fastssl.train import checkpoint, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 LINPROBE = ROOT / "recipes/demo/linprobe_cpu.yaml"

@@ -6,10 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint, linprobe, pretrain
 from fastssl.config import ConfigError, LinProbeConfig, PretrainConfig, load_config
+from fastssl.eval import linprobe
 from fastssl.expand import main as expand_main
 from fastssl.models import build_mae, scalenet
+from fastssl.train import checkpoint, pretrain
 
 from tests import ddp_probe
 from test_pretrain import LINPROBE, PRETRAIN, ROOT, small

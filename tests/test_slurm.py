@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint
-from fastssl.staging import stage
+from fastssl.run.copy_to_node import stage
+from fastssl.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = "recipes/demo/pretrain_cpu.yaml"

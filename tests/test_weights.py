@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from fastssl import export, weights
+from fastssl import export
 from fastssl.config import ConfigError
 from fastssl.models import build_mae, build_vit_encoder
+from fastssl.models import weights
 from fastssl.models.pos_embed import sincos_pos_embed_2d
 
 

@@ -20,8 +20,9 @@ from typing import Any
 
 import submitit
 
-from fastssl import checkpoint, dist, stop
 from fastssl.config import ConfigError, load_config
+from fastssl.run import dist
+from fastssl.train import checkpoint, stop
 
 ENTRIES = ("pretrain", "finetune", "linprobe", "knn", "expand")
 
@@ -84,7 +85,7 @@ class Job(submitit.helpers.Checkpointable):
             sys.exit(1)
 
     def _stage(self, cfg) -> None:
-        from fastssl.staging import stage
+        from fastssl.run.copy_to_node import stage
 
         folder = os.path.expandvars(self.stage_dir)
         if "$" in folder:

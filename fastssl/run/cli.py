@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from fastssl.config import ConfigError, load_config
-from fastssl.engine import NonFiniteLoss
+from fastssl.train.engine import NonFiniteLoss
 
 C = TypeVar("C")
 

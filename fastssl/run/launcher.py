@@ -1,6 +1,6 @@
 """Submit entry points to Slurm through submitit: `python slurm/submit.py ENTRY RECIPE [options] [key=value ...]`.
 
-One task per GPU (rank, world and master address come from submitit's helper in `fastssl.job`),
+One task per GPU (rank, world and master address come from submitit's helper in `fastssl.run.job`),
 USR2 before the time limit or on preemption -> checkpoint and requeue, `--array KEY=V1,V2,...` for a
 sweep, `--then ENTRY RECIPE [key=value ...]` for a job that starts when the previous one succeeded
 (afterok), `--dry-run` to print what would be submitted, `--local` to run on this machine instead.
@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from fastssl.config import ConfigError, load_config, to_dict
-from fastssl.job import ENTRIES, Job, config_class, entry_module
-from fastssl.logger import wandb_mode
+from fastssl.run.job import ENTRIES, Job, config_class, entry_module
+from fastssl.train.logger import wandb_mode
 
 REPO = Path(__file__).resolve().parents[1]
 THEN = "--then"

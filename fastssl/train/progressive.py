@@ -17,10 +17,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from fastssl import optim
 from fastssl.config import ConfigError, GrowthConfig, PretrainConfig, RampConfig, RunConfig, StageConfig
 from fastssl.models import growth, len_keep
 from fastssl.models.sizes import get_size
+from fastssl.train import optim
 
 
 @dataclass(frozen=True)

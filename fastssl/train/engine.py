@@ -21,11 +21,13 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastssl import atomic, checkpoint, dist, optim, stop
+from fastssl import atomic
 from fastssl.config import RunConfig, to_dict
-from fastssl.flops import device_peak_flops
-from fastssl.logger import RunLogger
-from fastssl.progressive import Schedule, Stage, batch_split
+from fastssl.run import dist
+from fastssl.train import checkpoint, optim, stop
+from fastssl.train.flops import device_peak_flops
+from fastssl.train.logger import RunLogger
+from fastssl.train.progressive import Schedule, Stage, batch_split
 
 
 class NonFiniteLoss(RuntimeError):

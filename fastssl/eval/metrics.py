@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastssl import atomic, dist, engine
+from fastssl import atomic
+from fastssl.run import dist
+from fastssl.train import engine
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

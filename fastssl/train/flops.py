@@ -1,0 +1,102 @@
+"""Training FLOPs of a pretraining recipe, per stage: `python -m fastssl.flops RECIPE [key=value ...]`.
+
+Counts matrix-multiply FLOPs (2 per multiply-add; norms, softmax and GELU are not counted), as
+`torch.utils.flop_counter.FlopCounterMode` does: encoder and decoder, forward and backward (2x the
+forward, except the patch embedding, whose input needs no gradient). Prints each stage and the
+ratio to the same recipe without progression (full depth, `data.res`, `mask_ratio` throughout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fastssl.config import ConfigError, PretrainConfig, load_config
+from fastssl.models import len_keep
+from fastssl.models.sizes import get_size
+from fastssl.train.progressive import Stage, from_config
+
+IMAGENET_TRAIN = 1_281_167
+NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense, SXM (H200: H100 tensor cores)
+
+
+def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
+    """One pre-norm transformer block, forward: qkv + proj + MLP matmuls, and QK^T + AV."""
+    return 2 * tokens * dim * dim * (4 + 2 * int(mlp_ratio)) + 4 * tokens * tokens * dim
+
+
+def mae_flops(size: str, patch_size: int, res: int, mask_ratio: float, depth: int | None = None) -> dict[str, int]:
+    """Forward FLOPs per image of an MAE at `res` px running `depth` encoder blocks (None: all)."""
+    s = get_size(size)
+    depth = s.depth if depth is None else depth
+    patches = (res // patch_size) ** 2
+    enc_tokens = 1 + len_keep(patches, mask_ratio)
+    pixels = patch_size * patch_size * 3
+    embed = 2 * patches * pixels * s.embed_dim
+    encoder = embed + depth * block_flops(enc_tokens, s.embed_dim, s.mlp_ratio)
+    decoder = (2 * enc_tokens * s.embed_dim * s.decoder_embed_dim
+               + s.decoder_depth * block_flops(patches + 1, s.decoder_embed_dim, s.mlp_ratio)
+               + 2 * (patches + 1) * s.decoder_embed_dim * pixels)
+    return {"encoder": encoder, "decoder": decoder, "embed": embed}
+
+
+def train_flops_per_image(size: str, patch_size: int, stage: Stage) -> int:
+    f = mae_flops(size, patch_size, stage.res, stage.mask_ratio, stage.depth)
+    return 3 * (f["encoder"] + f["decoder"]) - f["embed"]
+
+
+def device_peak_flops(device: torch.device, tflops: float | None = None) -> float | None:
+    """One device's dense peak in FLOP/s for MFU: `tflops` when given, else the nominal bf16 peak of a
+    GPU named in NOMINAL_BF16_TFLOPS, else None (unknown: no MFU)."""
+    if tflops is not None:
+        return tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v * 1e12 for k, v in NOMINAL_BF16_TFLOPS.items() if k in name), None)
+
+
+def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:
+    """Per-stage and total training FLOPs for `images` per epoch, and the fixed-size baseline's."""
+    size, patch = cfg.model.size, cfg.model.patch_size
+    rows = []
+    for start, end, stage in from_config(cfg).segments(cfg.epochs):
+        per_image = train_flops_per_image(size, patch, stage)
+        rows.append({"epochs": [start, end], "res": stage.res, "mask_ratio": round(stage.mask_ratio, 4),
+                     "depth": stage.depth, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
+                     "gflops_per_image": per_image / 1e9, "flops": per_image * images * (end - start)})
+    base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio)) * images * cfg.epochs
+    total = sum(r["flops"] for r in rows)
+    return {"stages": rows, "total": total, "baseline": base, "ratio": total / base}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fastssl.flops", description=__doc__.splitlines()[0])
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for fastssl.pretrain")
+    p.add_argument("--images", type=int, default=IMAGENET_TRAIN, help="images per epoch (ImageNet-1k train)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(PretrainConfig, args.recipe, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = recipe_flops(cfg, args.images)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(f"{args.recipe}: MAE-{cfg.model.size}/{cfg.model.patch_size}, {cfg.epochs} epochs x {args.images:,} images")
+    print(f"{'epochs':>11} {'res':>4} {'mask':>6} {'visible':>7} {'depth':>5} {'GFLOPs/img':>10} {'EFLOPs':>8} {'share':>6}")
+    for r in out["stages"]:
+        a, b = r["epochs"]
+        print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['depth']:>5} "
+              f"{r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
+    print(f"total {out['total'] / 1e18:.1f} EFLOPs; fixed-size baseline {out['baseline'] / 1e18:.1f} EFLOPs; "
+          f"ratio {out['ratio']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""MAE pretraining: `python -m fastssl.pretrain RECIPE [key=value ...]` (single process or torchrun).
+
+Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a fresh run's weights.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from fastssl.config import ConfigError, PretrainConfig, to_dict
+from fastssl.data import make_eval_loader, make_pretrain_loader
+from fastssl.eval import knn
+from fastssl.models import build_mae, scalenet
+from fastssl.models import weights
+from fastssl.run import cli, dist
+from fastssl.train import engine, flops, optim, progressive
+from fastssl.train.logger import RunLogger
+from fastssl.train.visualize import save_reconstructions
+
+
+def run(cfg: PretrainConfig) -> engine.Progress:
+    info = dist.init(cfg.device)
+    cfg.validate_world(info.world_size)
+    cli.require_file("data.train", cfg.data.train)
+    if cfg.data.val:
+        cli.require_file("data.val", cfg.data.val)
+    init_state = weights.read(cfg.init, "init", cfg.init_unsafe) if cfg.init else None
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    # The stored position tables keep the 224 px grid of MAE's checkpoints; forward regenerates them
+    # for whatever resolution the stage uses.
+    model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size,
+                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path,
+                      depth=cfg.model.depth).to(info.device)
+    if init_state is not None:
+        _restore_scalenet(model, init_state, cfg.init)  # an expanded init: its structure, then weights
+        weights.load_mae(model, init_state, cfg.init)
+    # Every block is in the optimizer (state-dict shapes never change); DepthGrowth freezes those
+    # the first stage does not run.
+    schedule = progressive.from_config(cfg, depth=len(model.blocks))
+    _check_scalenet(cfg, model, schedule)
+    if cfg.scalenet.freeze_shared:
+        scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
+    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
+                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
+    stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
+    per_process_batch = cfg.micro_batch(info.world_size)
+    loader = make_pretrain_loader(
+        cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
+        seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+    )
+    run_dir = engine.prepare_run_dir(cfg, info)
+    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb,
+                       project=cfg.log.project)
+
+    def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
+        return m(imgs, mask_ratio=stage.mask_ratio)[0]
+
+    hooks = []
+    if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
+        # Eight val images spread over the (class-sorted) split: the same pictures every time.
+        val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
+                               device=info.device)
+        every = torch.cat([imgs for imgs, _ in val])
+        fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
+
+        def recon(epoch: int, m) -> dict:
+            if (epoch + 1) % cfg.log.recon_every_epochs:
+                return {}
+            path = run_dir / "recon" / f"epoch_{epoch + 1:04d}.png"
+            save_reconstructions(m, fixed, cfg.mask_ratio, path)
+            return {"recon": str(path)}
+
+        hooks.append(recon)
+    if cfg.knn.every_epochs:
+        hooks.append(knn.epoch_hook(cfg, cfg.knn, info))
+
+    def on_epoch_end(epoch: int, m) -> dict:
+        return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
+
+    try:
+        return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
+                          stages=stages,
+                          # as `python -m fastssl.flops` counts them; each stage carries its depth
+                          flops_per_image=partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
+    finally:
+        logger.close()
+
+
+def _restore_scalenet(model: torch.nn.Module, state: dict, path: str) -> None:
+    try:
+        scalenet.restore(model, weights.raw_model_state(state))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"init={path!r}: bad ScaleNet spec ({e})") from None
+
+
+def _check_scalenet(cfg: PretrainConfig, model: torch.nn.Module, schedule: progressive.Piecewise) -> None:
+    if cfg.scalenet.freeze_shared and not scalenet.is_expanded(model):
+        raise ConfigError("scalenet.freeze_shared=true: init must be a ScaleNet-expanded checkpoint "
+                          "(python -m fastssl.expand)")
+    depths = {stage.depth for _, _, stage in schedule.segments(cfg.epochs)}
+    if scalenet.is_expanded(model) and depths != {len(model.blocks)}:
+        # growth copies block weights in place, which would overwrite every position sharing them
+        raise ConfigError(f"progressive depth stages {sorted(depths)}: a ScaleNet-expanded init runs all "
+                          f"{len(model.blocks)} positions; drop the depth stages")
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli.main(PretrainConfig, run, "python -m fastssl.pretrain", __doc__.splitlines()[0], argv)
+
+
+if __name__ == "__main__":
+    main()
