@@ -14,9 +14,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A user mistake in a recipe or an override."""
+from fastssl.errors import ConfigError
+from fastssl.train.progressive import from_config
 
 
 @dataclass
@@ -204,6 +203,10 @@ class ProgressiveConfig:
     couple_mask: bool = False
     growth: GrowthConfig = field(default_factory=GrowthConfig)
 
+    def stage_list(self) -> list[StageConfig]:
+        """The explicit stages, or one from epoch 0 that keeps every recipe value."""
+        return self.stages or [StageConfig()]
+
 
 @dataclass
 class ScaleNetConfig:
@@ -231,8 +234,6 @@ class PretrainConfig(RunConfig):
                "must name a .beton file when knn.every_epochs > 0")
         _check(self.scalenet.adapter_lr_scale > 0, "scalenet.adapter_lr_scale", self.scalenet.adapter_lr_scale,
                "must be > 0")
-        from fastssl.train.progressive import from_config  # it imports this module
-
         from_config(self)  # every schedule mistake, before anything runs
 
     def validate_world(self, world_size: int) -> None:

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastssl.models import SIZES, build_mae, build_vit_encoder, load_encoder
 from fastssl.models import scalenet
 from fastssl.models.vit import encoder_state_dict
 from fastssl.train.checkpoint import atomic_torch_save
@@ -38,38 +37,6 @@ def read_state_dict(path: str) -> dict:
     return sd
 
 
-def build_for(sd: dict) -> nn.Module:
-    """The model (an MAE if the state dict has a decoder, else a timm ViT) these weights load into,
-    ScaleNet structure included."""
-    dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
-    size = next((name for name, s in SIZES.items() if s.embed_dim == dim), None)
-    if size is None:
-        raise ExpandError(f"embed dim {dim} matches no model size ({', '.join(SIZES)})")
-    spec = sd.get(scalenet.SPEC_KEY)
-    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
-    depth = len(set(spec["sources"])) if spec else len(blocks)
-    img_size = round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch if "pos_embed" in sd else 224
-    if any(k.startswith("decoder_") for k in sd):
-        model = build_mae(size, patch_size=patch, img_size=img_size, depth=depth)
-    else:
-        model = build_vit_encoder(size, patch_size=patch, img_size=img_size, depth=depth)
-    scalenet.restore(model, sd)
-    try:
-        if spec or hasattr(model, "decoder_embed"):
-            model.load_state_dict(sd, strict=True)
-        else:
-            load_encoder(model, sd)
-    except (RuntimeError, ValueError) as e:
-        raise ExpandError(f"weights do not fit a {size} model: {str(e).splitlines()[0]}") from None
-    return model
-
-
-def plain_state_dict(sd: dict) -> dict:
-    """An expanded checkpoint's state dict materialised for a plain model of depth L2 (ValueError for
-    non-mergeable adapters)."""
-    return scalenet.export_state_dict(build_for(sd))
-
-
 def encoder_params(model: nn.Module) -> int:
     names = encoder_state_dict(dict(model.named_parameters()))
     return sum(p.numel() for p in names.values())
@@ -90,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
         if Path(args.out).resolve() == Path(args.ckpt).resolve():
             raise ExpandError(f"--out {args.out!r} would overwrite the input")
         sd = read_state_dict(args.ckpt)
-        model = build_for(sd)
+        model = scalenet.build_for(sd)
         if args.export:
             if not scalenet.is_expanded(model):
                 raise ExpandError(f"{args.ckpt!r} is not ScaleNet-expanded; nothing to export")

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fastssl.config import ConfigError, PretrainConfig, RampConfig, load_config
 from fastssl.models import build_mae, growth, len_keep
 from fastssl.run import cli
-from fastssl.train import engine, flops, optim, progressive
+from fastssl.train import depth_growth, engine, flops, optim, progressive
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -213,7 +213,7 @@ def test_depth_growth_hook_ramps_gates_and_rewarms_the_lr():
     model = micro(4)
     opt = optim.adamw(model, 1e-3, 0.05, (0.9, 0.95), torch.device("cpu"))
     cfg = cfg_of("progressive.growth={op: gated, gate_steps: 4, rewarmup_steps: 2}").progressive.growth
-    hook = progressive.DepthGrowth(model, opt, cfg, start_depth=2)
+    hook = depth_growth.DepthGrowth(model, opt, cfg, start_depth=2)
     assert model.layer_plan == [0, 1] and hook.lr_factor(0) == 1.0
     assert hook.enter(progressive.Stage(32, 0.5, depth=4), step=10)
     assert model.gated_blocks == {2, 3} and model.block_gate[2].item() == 0.0

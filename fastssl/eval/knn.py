@@ -49,7 +49,7 @@ def extract(model: nn.Module, loader, info: dist.DistInfo, precision: str) -> tu
     model.eval()
     feats, labels = [], []
     for imgs, y in loader:
-        with engine.autocast(precision, info.device):
+        with dist.autocast(precision, info.device):
             f = encode(model, imgs)
         # half the memory of float32 on GPU (a 1.28M x 768 bank is 2 GB); CPU matmuls want float32
         feats.append(F.normalize(f.float(), dim=1).to(torch.float16 if f.is_cuda else torch.float32))

@@ -108,7 +108,7 @@ def extract_features(encoder: nn.Module, loader, views: int, info: dist.DistInfo
         loader.set_epoch(view)
         fs, ys = [], []
         for imgs, y in loader:
-            with engine.autocast(precision, info.device):
+            with dist.autocast(precision, info.device):
                 fs.append(encoder(imgs).to(dtype))
             ys.append(y)
         feats.append(torch.cat(fs))

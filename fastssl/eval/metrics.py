@@ -9,7 +9,6 @@ from torch import nn
 
 from fastssl import atomic
 from fastssl.run import dist
-from fastssl.train import engine
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -36,7 +35,7 @@ def evaluate_heads(model: nn.Module, loader, info: dist.DistInfo, precision: str
     model.eval()
     counts = None
     for x, labels in loader:
-        with engine.autocast(precision, info.device):
+        with dist.autocast(precision, info.device):
             logits = model(x)
         hits = topk_hits(logits.float(), labels)
         counts = hits if counts is None else counts + hits

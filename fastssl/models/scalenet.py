@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .growth import sources
+from .mae import build_mae
+from .sizes import SIZES
+from .vit import build_vit_encoder, load_encoder
 
 MAPS = {"cyclic": "stack", "interleave": "interleave"}  # our names -> growth.sources' ops
 WHERE = ("attn", "mlp", "both")
@@ -201,3 +204,35 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         adapters += p.numel() if is_adapter(n) else 0
     return total, adapters
+
+
+def build_for(sd: dict) -> nn.Module:
+    """The model (an MAE if the state dict has a decoder, else a timm ViT) these weights load into,
+    ScaleNet structure included."""
+    dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+    size = next((name for name, s in SIZES.items() if s.embed_dim == dim), None)
+    if size is None:
+        raise ValueError(f"embed dim {dim} matches no model size ({', '.join(SIZES)})")
+    spec = sd.get(SPEC_KEY)
+    blocks = {int(k.split(".")[1]) for k in sd if k.startswith("blocks.")}
+    depth = len(set(spec["sources"])) if spec else len(blocks)
+    img_size = round((sd["pos_embed"].shape[1] - 1) ** 0.5) * patch if "pos_embed" in sd else 224
+    if any(k.startswith("decoder_") for k in sd):
+        model = build_mae(size, patch_size=patch, img_size=img_size, depth=depth)
+    else:
+        model = build_vit_encoder(size, patch_size=patch, img_size=img_size, depth=depth)
+    restore(model, sd)
+    try:
+        if spec or hasattr(model, "decoder_embed"):
+            model.load_state_dict(sd, strict=True)
+        else:
+            load_encoder(model, sd)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"weights do not fit a {size} model: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def plain_state_dict(sd: dict) -> dict:
+    """An expanded checkpoint's state dict materialised for a plain model of depth L2 (ValueError for
+    non-mergeable adapters)."""
+    return export_state_dict(build_for(sd))

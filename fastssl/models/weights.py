@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastssl.config import ConfigError
-from fastssl.models import SIZES, build_vit_encoder, encoder_state_dict, load_encoder
+from fastssl.errors import ConfigError
+from fastssl.models import SIZES, build_vit_encoder, encoder_state_dict, load_encoder, scalenet
 
 # Types a weights-only load may rebuild besides tensors and containers: plain data, no code.
 SAFE_GLOBALS = (argparse.Namespace,)
@@ -135,14 +135,11 @@ def _depth(sd: dict) -> int:
 
 def _plain(state: dict, path: str, key: str) -> dict:
     """A ScaleNet-expanded checkpoint as the plain ViT it exports to (merged adapters); others as is."""
-    from fastssl.expand import plain_state_dict  # it imports the models that import this module's users
-    from fastssl.models import scalenet
-
     sd = raw_model_state(state)
     if scalenet.SPEC_KEY not in sd:
         return state
     try:
-        return {"model": plain_state_dict(sd)}
+        return {"model": scalenet.plain_state_dict(sd)}
     except ValueError as e:
         raise ConfigError(f"{key}={path!r}: {e}") from None
 

@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from fastssl.config import ConfigError, load_config
-from fastssl.train.engine import NonFiniteLoss
+from fastssl.config import load_config
+from fastssl.errors import ConfigError, NonFiniteLoss
 
 C = TypeVar("C")
 

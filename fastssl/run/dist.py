@@ -1,6 +1,7 @@
-"""Process-group set-up from torchrun or Slurm environment variables, and rank-0 helpers."""
+"""Process-group and device set-up from torchrun or Slurm environment variables, rank-0 helpers, autocast."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -80,3 +81,11 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def autocast(precision: str, device: torch.device):
+    """The mixed-precision context of a run's `precision` (fp32: none) on `device`."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -23,15 +23,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastssl import atomic
 from fastssl.config import RunConfig, to_dict
+from fastssl.errors import NonFiniteLoss
 from fastssl.run import dist
 from fastssl.train import checkpoint, optim, stop
 from fastssl.train.flops import device_peak_flops
 from fastssl.train.logger import RunLogger
 from fastssl.train.progressive import Schedule, Stage, batch_split
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or inf; the last checkpoint on disk predates it."""
 
 
 class EpochLoader(Protocol):
@@ -52,7 +49,7 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 
 
 class StageHook(Protocol):
-    """Applies stages to the model (e.g. `progressive.DepthGrowth`); its state is checkpointed."""
+    """Applies stages to the model (e.g. `depth_growth.DepthGrowth`); its state is checkpointed."""
 
     def enter(self, stage: Stage, step: int) -> bool: ...  # True: module structure changed
     def after_step(self, step: int) -> None: ...
@@ -67,13 +64,6 @@ class Progress:
     micro: int = 0  # micro-batches of that epoch already trained on
     micro_batch: int = 0  # their size per process (0: unknown, a checkpoint older than per-stage sizes)
     step: int = 0  # optimizer steps since the start of training
-
-
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def prepare_run_dir(cfg: RunConfig, info: dist.DistInfo) -> Path:
@@ -265,7 +255,7 @@ def fit(
                 optim.set_lr(optimizer, lr_at(progress.step) * factor)
             sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp.no_sync()
             with sync:
-                with autocast(cfg.precision, info.device):
+                with dist.autocast(cfg.precision, info.device):
                     loss = loss_fn(step_model, imgs, labels, stage)
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach().float() / accum

@@ -14,7 +14,7 @@ from fastssl.eval import knn
 from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
 from fastssl.run import cli, dist
-from fastssl.train import engine, flops, optim, progressive
+from fastssl.train import depth_growth, engine, flops, optim, progressive
 from fastssl.train.logger import RunLogger
 from fastssl.train.visualize import save_reconstructions
 
@@ -44,7 +44,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
                             adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
-    stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
+    stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     per_process_batch = cfg.micro_batch(info.world_size)
     loader = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,

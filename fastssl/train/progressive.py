@@ -1,5 +1,6 @@
-"""Stage schedules: what the model and loader look like at a given epoch, and the hook that applies
-a stage to the model and its optimizer.
+"""Stage schedules: what the model and loader look like at a given epoch, and their validation
+(`PretrainConfig.validate` builds the recipe's schedule, so every schedule mistake stops the run
+before anything runs; `depth_growth.DepthGrowth` applies a stage to the model).
 
 The engine asks `schedule(epoch)` at every epoch start, so a run resumed anywhere lands in the
 stage its epoch belongs to. A fixed-size run is one stage for all epochs. Two forms, combinable:
@@ -12,15 +13,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-
-from fastssl.config import ConfigError, GrowthConfig, PretrainConfig, RampConfig, RunConfig, StageConfig
+from fastssl.errors import ConfigError
 from fastssl.models import growth, len_keep
 from fastssl.models.sizes import get_size
-from fastssl.train import optim
+
+if TYPE_CHECKING:  # the config validates through this module, so it is read here as types only
+    from fastssl.config import PretrainConfig, RampConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
     encoder's full depth when it is not the size's (a ScaleNet-expanded `init`)."""
     p, patch = cfg.progressive, cfg.model.patch_size
     full_depth = depth or cfg.model.depth or get_size(cfg.model.size).depth
-    items = p.stages or [StageConfig()]
+    items = p.stage_list()
     starts, stages = [], []
     prev = Stage(res=cfg.data.res, mask_ratio=cfg.mask_ratio, depth=full_depth, drop_path=cfg.model.drop_path)
     for i, it in enumerate(items):
@@ -178,74 +178,3 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
                        f"visible tokens of the final stage")
         schedule.visible = visible
     return schedule
-
-
-class DepthGrowth:
-    """Applies each stage's depth and drop path to an MAE and its AdamW, and keeps what growth needs
-    (gate ramps, the EMA for `mogrow`, the last growth step for re-warmup) in its state dict.
-
-    All blocks exist from the start; only `model.layer_plan` runs, the rest are frozen (no grads, so
-    no weight decay, and DDP, rebuilt after each change, never waits for them).
-    """
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: GrowthConfig,
-                 start_depth: int | None):
-        self.model, self.optimizer, self.cfg = model, optimizer, cfg
-        self.gate_start: dict[int, int] = {}  # block -> step its gate began to ramp
-        self.grown_at = -1  # optimizer step of the last growth
-        self.drop_path: float | None = None
-        self.stage: Stage | None = None
-        depth = len(model.blocks) if start_depth is None else start_depth
-        growth.apply_plan(model, list(range(depth)))
-        self.ema = growth.BlockEMA(model) if cfg.op == "mogrow" else None
-
-    def enter(self, stage: Stage, step: int) -> bool:
-        """Apply `stage` at optimizer step `step`; True when the module structure changed (the
-        engine then rebuilds DDP and recompiles)."""
-        self.stage, changed = stage, False
-        depth = len(self.model.blocks) if stage.depth is None else stage.depth
-        have = len(self.model.layer_plan)
-        if depth < have:
-            raise ConfigError(f"progressive: the checkpoint's encoder runs {have} blocks but the schedule "
-                              f"asks for {depth}; depth may not shrink")
-        if depth > have:
-            moves = growth.grow(self.model, self.cfg.op, depth, self.ema)
-            optim.regrow_state(self.optimizer, self.model.blocks, moves, self.cfg.optimizer)
-            if self.cfg.op == "gated":
-                self.gate_start.update({m.block: step for m in moves if m.source is None})
-            self.grown_at = step
-            changed = True
-        if stage.drop_path is not None and (changed or stage.drop_path != self.drop_path):  # new blocks too
-            growth.set_drop_path(self.model, stage.drop_path)
-            self.drop_path = stage.drop_path
-            changed = True
-        self._set_gates(step)
-        return changed
-
-    def _set_gates(self, step: int) -> None:
-        gates = {b: min(1.0, (step - s) / self.cfg.gate_steps) for b, s in self.gate_start.items()}
-        growth.set_gates(self.model, gates)
-
-    def after_step(self, step: int) -> None:
-        """After optimizer step `step - 1`: the EMA follows the weights, gates move to `step`'s value."""
-        if self.ema is not None:
-            self.ema.update(self.model, self.cfg.ema_decay)
-        if self.gate_start:
-            self._set_gates(step)
-
-    def lr_factor(self, step: int) -> float:
-        if self.grown_at < 0 or not self.cfg.rewarmup_steps:
-            return 1.0
-        return min(1.0, (step - self.grown_at + 1) / self.cfg.rewarmup_steps)
-
-    def state_dict(self) -> dict:
-        return {"stage": vars(self.stage).copy() if self.stage else None,  # for people: resume recomputes it
-                "layer_plan": list(self.model.layer_plan), "gate_start": dict(self.gate_start),
-                "grown_at": self.grown_at, "ema": self.ema.state_dict() if self.ema is not None else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        growth.apply_plan(self.model, state["layer_plan"])
-        self.gate_start = {int(k): int(v) for k, v in state["gate_start"].items()}
-        self.grown_at = int(state["grown_at"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
