@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
@@ -120,6 +120,134 @@ def compiled(model: nn.Module, backend: str | Callable = "inductor") -> nn.Modul
     return torch.compile(model, backend=backend, dynamic=False)
 
 
+@dataclass
+class TrainState:
+    """What a checkpoint holds and a resume restores."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    stages: StageHook | None
+    extra: dict[str, Stateful]  # an EMA, a best-metric tracker: saved under their names
+    progress: Progress = field(default_factory=Progress)
+
+    def state_dict(self, cfg: RunConfig) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": vars(self.progress).copy(),
+            **({"progressive": self.stages.state_dict()} if self.stages is not None else {}),
+            "config": to_dict(cfg),
+            **{name: obj.state_dict() for name, obj in self.extra.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.progress = Progress(**state["progress"])
+        for name, obj in self.extra.items():
+            obj.load_state_dict(state[name])
+        if self.stages is not None:
+            self.stages.load_state_dict(state["progressive"])  # the layer plan before the first forward
+
+
+def resume(cfg: RunConfig, info: dist.DistInfo, state: TrainState) -> None:
+    """From the run folder's newest valid checkpoint, if it has one."""
+    resumed = checkpoint.load_latest(cfg.run_dir)
+    if resumed is None:
+        return
+    state.load_state_dict(resumed)
+    if info.is_main:
+        print(f"resumed from {resumed['path']} (epoch {state.progress.epoch}, step {state.progress.step})")
+
+
+def save(cfg: RunConfig, info: dist.DistInfo, state: TrainState) -> None:
+    if info.is_main:
+        checkpoint.save(state.state_dict(cfg), cfg.run_dir, state.progress.step, cfg.checkpoint.keep_last)
+    dist.barrier()
+
+
+def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(DDP wrapper or the model, what the step calls: that, compiled if asked). DDP registers hooks on
+    the parameters that need grads now and compiled code assumes the module structure, so both are
+    built again after growth (recompiling once per new shape after it)."""
+    if cfg.compile:
+        torch._dynamo.reset()
+    ddp = DistributedDataParallel(model) if info.distributed else model
+    return ddp, compiled(ddp) if cfg.compile else ddp
+
+
+class LogWindow:
+    """The training since the last log line: summed loss (on the device: `.item()` only when a line
+    is written), optimizer steps, FLOPs and time blocked on the loader."""
+
+    def __init__(self, cfg: RunConfig, info: dist.DistInfo, logger: RunLogger, peak_flops: float | None):
+        self.cfg, self.info, self.logger, self.peak_flops = cfg, info, logger, peak_flops
+        self.loss_sum = torch.zeros((), device=info.device)
+        self.waited = LoaderWait()
+        self.restart()
+
+    def restart(self) -> None:
+        """After evaluation, hooks and checkpoint writes too, so rates measure training alone."""
+        self.steps, self.flops, self.started = 0, 0.0, time.perf_counter()
+        self.waited.take()
+
+    def add_step(self, flops: float) -> None:
+        self.steps += 1
+        self.flops += flops
+
+    def write(self, state: TrainState, force: bool = False) -> None:
+        """A log line every `log.every_steps` steps (or now, with `force`); a non-finite loss stops."""
+        progress, optimizer = state.progress, state.optimizer
+        if self.steps == 0 or not (force or progress.step % self.cfg.log.every_steps == 0):
+            return
+        mean = dist.all_reduce_mean(self.loss_sum / self.steps).item()
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(
+                f"loss is {mean} at epoch {progress.epoch}, step {progress.step} "
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); the last checkpoint in "
+                f"{checkpoint.checkpoint_dir(self.cfg.run_dir)} is intact: lower the lr or use fp32/bf16"
+            )
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
+                   "img_per_s": self.steps * self.cfg.batch_size / elapsed,
+                   "data_wait": min(self.waited.take() / elapsed, 1.0)}
+        if self.peak_flops is not None:
+            metrics["mfu"] = self.flops / elapsed / (self.peak_flops * self.info.world_size)
+        self.logger.log(metrics, progress.step)
+        self.loss_sum.zero_()
+        self.restart()
+
+
+def forward_backward(cfg: RunConfig, info: dist.DistInfo, ddp: nn.Module, step_model: nn.Module,
+                     loss_fn: LossFn, imgs: torch.Tensor, labels: torch.Tensor, stage: Stage, accum: int,
+                     sync: bool, scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """One micro-batch of the accumulation window; DDP all-reduces gradients only when `sync` (the
+    window's last). Returns its share of the window's loss, detached."""
+    no_sync = contextlib.nullcontext() if sync or not info.distributed else ddp.no_sync()
+    with no_sync:
+        with dist.autocast(cfg.precision, info.device):
+            loss = loss_fn(step_model, imgs, labels, stage)
+        scaler.scale(loss / accum).backward()
+    return loss.detach().float() / accum
+
+
+def optimizer_step(cfg: RunConfig, state: TrainState) -> None:
+    """Clip, step, zero the gradients; the step count and the stage hook move on."""
+    optimizer, scaler = state.optimizer, state.scaler
+    if cfg.optim.clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.progress.step += 1
+    if state.stages is not None:
+        state.stages.after_step(state.progress.step)
+
+
 def fit(
     cfg: RunConfig,
     info: dist.DistInfo,
@@ -137,7 +265,6 @@ def fit(
     """Train to `cfg.epochs`, resuming from the run folder. `extra_state` objects (an EMA, a best-
     metric tracker) are saved in every checkpoint under their names and restored on resume. With
     `flops_per_image` (training FLOPs at a stage) and a known device peak, each log line has the MFU."""
-    extra_state = extra_state or {}
     micro_per_epoch = (len(loader) // cfg.accum_steps) * cfg.accum_steps
     if micro_per_epoch == 0:
         raise ValueError(
@@ -153,70 +280,15 @@ def fit(
     lr_at = optim.lr_schedule(cfg.optim, total_steps, warmup_steps, cfg.lr())
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
 
-    progress = Progress()
-    resumed = checkpoint.load_latest(cfg.run_dir)
-    if resumed is not None:
-        model.load_state_dict(resumed["model"])
-        optimizer.load_state_dict(resumed["optimizer"])
-        scaler.load_state_dict(resumed["scaler"])
-        progress = Progress(**resumed["progress"])
-        for name, obj in extra_state.items():
-            obj.load_state_dict(resumed[name])
-        if stages is not None:
-            stages.load_state_dict(resumed["progressive"])  # the layer plan before the first forward
-        if info.is_main:
-            print(f"resumed from {resumed['path']} (epoch {progress.epoch}, step {progress.step})")
-
+    state = TrainState(model, optimizer, scaler, stages, extra_state or {})
+    resume(cfg, info, state)
+    progress = state.progress
     ddp = step_model = None  # built at the first stage, rebuilt after each structural change
-
-    def save() -> None:
-        if info.is_main:
-            checkpoint.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "progress": vars(progress).copy(),
-                    **({"progressive": stages.state_dict()} if stages is not None else {}),
-                    "config": to_dict(cfg),
-                    **{name: obj.state_dict() for name, obj in extra_state.items()},
-                },
-                cfg.run_dir, progress.step, cfg.checkpoint.keep_last,
-            )
-        dist.barrier()
-
-    loss_sum = torch.zeros((), device=info.device)
-    n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0  # the current log window's
-    waited = LoaderWait()
-    peak = device_peak_flops(info.device, cfg.log.peak_tflops) if flops_per_image else None
-
-    def check_and_log(force: bool = False) -> None:
-        if n_logged == 0 or not (force or progress.step % cfg.log.every_steps == 0):
-            return
-        mean = dist.all_reduce_mean(loss_sum / n_logged).item()
-        if not math.isfinite(mean):
-            raise NonFiniteLoss(
-                f"loss is {mean} at epoch {progress.epoch}, step {progress.step} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}); the last checkpoint in "
-                f"{checkpoint.checkpoint_dir(cfg.run_dir)} is intact: lower the lr or use fp32/bf16"
-            )
-        elapsed = max(time.perf_counter() - t_log, 1e-9)
-        metrics = {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
-                   "img_per_s": n_logged * cfg.batch_size / elapsed,
-                   "data_wait": min(waited.take() / elapsed, 1.0)}
-        if peak is not None:
-            metrics["mfu"] = flops_done / elapsed / (peak * info.world_size)
-        logger.log(metrics, progress.step)
-        loss_sum.zero_()
-        start_window()
-
-    def start_window() -> None:  # after evaluation and checkpoints: rates measure training alone
-        nonlocal n_logged, t_log, flops_done
-        n_logged, t_log, flops_done = 0, time.perf_counter(), 0.0
-        waited.take()
-
+    window = LogWindow(cfg, info, logger, device_peak_flops(info.device, cfg.log.peak_tflops)
+                       if flops_per_image else None)
     logged_stage = None
     for epoch in range(progress.epoch, cfg.epochs):
+        # the epoch's stage: its micro-batch split, the model's structure, the loader's shapes
         progress.epoch = epoch
         stage = schedule(epoch)
         micro_batch, accum = batch_split(stage, cfg, info.world_size)
@@ -227,13 +299,8 @@ def fit(
         progress.micro_batch = micro_batch
         changed = stages is not None and stages.enter(stage, progress.step)
         if step_model is None or changed:
-            # DDP registers hooks on the parameters that need grads now; compiled code assumed the
-            # old structure: both are rebuilt after growth (recompiles once per new shape after it).
-            ddp = step_model = None
-            if cfg.compile:
-                torch._dynamo.reset()
-            ddp = DistributedDataParallel(model) if info.distributed else model
-            step_model = compiled(ddp) if cfg.compile else ddp
+            ddp = step_model = None  # the old wrapper's hooks go before the new one's are registered
+            ddp, step_model = build_step_model(cfg, info, model)
         if stage != logged_stage:
             logger.log({**{f"stage/{k}": v for k, v in vars(stage).items() if v is not None},
                         "stage/micro_batch": micro_batch, "stage/accum_steps": accum}, progress.step)
@@ -244,55 +311,43 @@ def fit(
         model.train()
         bar = _progress_bar(info, cfg, micro_per_epoch, progress.micro, epoch)
         step_flops = flops_per_image(stage) * cfg.batch_size if flops_per_image else 0.0
-        start_window()
-        for i, (imgs, labels) in enumerate(waited.timed(loader), start=progress.micro):
+        window.restart()
+
+        for i, (imgs, labels) in enumerate(window.waited.timed(loader), start=progress.micro):
             if i >= micro_per_epoch:
                 break  # a partial accumulation window at the epoch end would skew the step
             seed_position(cfg.seed, epoch * steps_per_epoch * max_accum + i, info)
-            last_micro = (i + 1) % accum == 0
-            if i % accum == 0:
+            if i % accum == 0:  # a new accumulation window
                 factor = stages.lr_factor(progress.step) if stages is not None else 1.0
                 optim.set_lr(optimizer, lr_at(progress.step) * factor)
-            sync = contextlib.nullcontext() if last_micro or not info.distributed else ddp.no_sync()
-            with sync:
-                with dist.autocast(cfg.precision, info.device):
-                    loss = loss_fn(step_model, imgs, labels, stage)
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach().float() / accum
+            last_micro = (i + 1) % accum == 0
+            window.loss_sum += forward_backward(cfg, info, ddp, step_model, loss_fn, imgs, labels, stage,
+                                                accum, last_micro, scaler)
             progress.micro = i + 1
             if bar is not None:
                 bar.update(1)
             if not last_micro:
                 continue
-            if cfg.optim.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            if stages is not None:
-                stages.after_step(progress.step)
-            n_logged += 1
-            flops_done += step_flops
-            check_and_log()
+            optimizer_step(cfg, state)
+            window.add_step(step_flops)
+            window.write(state)
             if cfg.checkpoint.every_steps and progress.step % cfg.checkpoint.every_steps == 0:
-                check_and_log(force=True)
-                save()
-                start_window()
+                window.write(state, force=True)
+                save(cfg, info, state)
+                window.restart()
             if stop.agreed(info.device):  # a timeout or preemption signal: the requeued job resumes here
-                check_and_log(force=True)
-                save()
+                window.write(state, force=True)
+                save(cfg, info, state)
                 raise stop.StopRequested(f"stopped on a signal at step {progress.step}; checkpoint saved")
+
         if bar is not None:
             bar.close()
-        check_and_log(force=True)
+        window.write(state, force=True)
         progress.epoch, progress.micro = epoch + 1, 0
         if on_epoch_end is not None:
             logger.log(on_epoch_end(epoch, model), progress.step)
-        last = epoch + 1 == cfg.epochs
-        if last or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
-            save()
+        if epoch + 1 == cfg.epochs or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
+            save(cfg, info, state)
     return progress
 
 
