@@ -8,6 +8,7 @@ Top-1/top-5 on val after every epoch; `run_dir/best.pt` keeps the best epoch's w
 """
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,13 +17,12 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 from fastssl.config import ConfigError, FinetuneConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader, num_classes
+from fastssl.data import num_classes
 from fastssl.data.batch_augment import BatchAugment, parse_rand_augment
 from fastssl.eval import metrics
 from fastssl.models import weights
 from fastssl.run import cli, dist
 from fastssl.train import checkpoint, engine, optim, progressive
-from fastssl.train.logger import RunLogger
 
 
 class BestCheckpoint:
@@ -58,11 +58,8 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> nn.Module:
     return vit
 
 
-def run(cfg: FinetuneConfig) -> dict:
-    info = dist.init(cfg.device)
-    cfg.validate_world(info.world_size)
-    per_process_batch = cfg.micro_batch(info.world_size)
-    aug = cfg.augment
+def check_augment(cfg: FinetuneConfig, info: dist.DistInfo) -> None:
+    aug, per_process_batch = cfg.augment, cfg.micro_batch(info.world_size)
     if (aug.mixup > 0 or aug.cutmix > 0) and per_process_batch % 2:
         raise ConfigError(f"batch_size={cfg.batch_size}: mixup/cutmix pair each image with another, so the "
                           f"per-process batch ({per_process_batch}) must be even")
@@ -71,59 +68,52 @@ def run(cfg: FinetuneConfig) -> dict:
             parse_rand_augment(aug.rand_augment)
         except ValueError as e:
             raise ConfigError(f"augment.rand_augment={e}") from None
-    cli.require_file("data.train", cfg.data.train)
-    cli.require_file("data.val", cfg.data.val)
+
+
+def run(cfg: FinetuneConfig) -> dict:
+    info = cli.start(cfg, check=partial(check_augment, cfg))
+    aug = cfg.augment
     n_classes = num_classes(cfg.data.train)
     model = build_model(cfg, n_classes).to(info.device)
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
                             layer_decay=cfg.layer_decay)
-    train = make_pretrain_loader(
-        cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
-        seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
-        scale=aug.scale,
-    )
-    val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,
-                           num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)
+    train, val = cli.train_loader(cfg, info, scale=aug.scale), cli.val_loader(cfg, info)
     augment = BatchAugment(n_classes, aug.rand_augment, aug.reprob, aug.mixup, aug.cutmix, aug.mixup_prob,
                            aug.mixup_switch_prob, aug.smoothing)
     criterion = SoftTargetCrossEntropy()
-    run_dir = engine.prepare_run_dir(cfg, info)
-    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
-
-    trackers = {"best": BestCheckpoint(run_dir / "best.pt", "val/top1", to_dict(cfg), info.is_main)}
-    extra_state: dict = {"best": trackers["best"]}
-    ema = None
-    if cfg.ema:
-        ema = ModelEmaV3(model, decay=cfg.ema_decay)
-        # After every optimizer step that happens (GradScaler may skip one): no loop changes needed.
-        optimizer.register_step_post_hook(lambda *_: ema.update(model))
-        trackers["best_ema"] = BestCheckpoint(run_dir / "best_ema.pt", "val_ema/top1", to_dict(cfg), info.is_main)
-        extra_state.update(ema=ema, best_ema=trackers["best_ema"])
-    last: dict = {}
 
     def loss_fn(m, imgs, labels, stage) -> torch.Tensor:
         x, targets = augment(imgs, labels)
         return criterion(m(x).float(), targets)
 
-    def on_epoch_end(epoch: int, m: nn.Module) -> dict:
-        scores = metrics.evaluate(m, val, info, cfg.precision)
-        trackers["best"].update(epoch, scores, m)
-        if ema is not None:
-            scores.update(metrics.evaluate(ema.module, val, info, cfg.precision, prefix="val_ema"))
-            trackers["best_ema"].update(epoch, scores, ema.module)
-        last.clear()
-        last.update(epoch=epoch + 1, **scores)
-        if info.is_main:
-            best = trackers["best"]
-            print(f"epoch {epoch + 1}: top-1 {scores['val/top1']:.2f}%  top-5 {scores['val/top5']:.2f}%  "
-                  f"(best {best.value:.2f}% at epoch {best.epoch + 1})", flush=True)
-        return {**scores, "val/best_top1": trackers["best"].value}
+    with cli.run_folder(cfg, info) as (run_dir, logger):
+        trackers = {"best": BestCheckpoint(run_dir / "best.pt", "val/top1", to_dict(cfg), info.is_main)}
+        extra_state: dict = {"best": trackers["best"]}
+        ema = None
+        if cfg.ema:
+            ema = ModelEmaV3(model, decay=cfg.ema_decay)
+            # After every optimizer step that happens (GradScaler may skip one): no loop changes needed.
+            optimizer.register_step_post_hook(lambda *_: ema.update(model))
+            trackers["best_ema"] = BestCheckpoint(run_dir / "best_ema.pt", "val_ema/top1", to_dict(cfg), info.is_main)
+            extra_state.update(ema=ema, best_ema=trackers["best_ema"])
+        last: dict = {}
 
-    try:
+        def on_epoch_end(epoch: int, m: nn.Module) -> dict:
+            scores = metrics.evaluate(m, val, info, cfg.precision)
+            trackers["best"].update(epoch, scores, m)
+            if ema is not None:
+                scores.update(metrics.evaluate(ema.module, val, info, cfg.precision, prefix="val_ema"))
+                trackers["best_ema"].update(epoch, scores, ema.module)
+            last.clear()
+            last.update(epoch=epoch + 1, **scores)
+            if info.is_main:
+                best = trackers["best"]
+                print(f"epoch {epoch + 1}: top-1 {scores['val/top1']:.2f}%  top-5 {scores['val/top5']:.2f}%  "
+                      f"(best {best.value:.2f}% at epoch {best.epoch + 1})", flush=True)
+            return {**scores, "val/best_top1": trackers["best"].value}
+
         engine.fit(cfg, info, model, optimizer, train, loss_fn, progressive.constant(cfg.data.res), logger,
                    on_epoch_end, extra_state)
-    finally:
-        logger.close()
     result = {"init": cfg.init, "last": last,
               **{name: {"epoch": t.epoch + 1, t.metric: t.value} for name, t in trackers.items()}}
     if info.is_main:

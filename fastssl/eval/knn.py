@@ -11,14 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.config import KNNConfig, KNNRunConfig, RunConfig, to_dict
+from fastssl.config import KNNConfig, KNNRunConfig, RunConfig
 from fastssl.data import make_eval_loader, num_classes, subset
 from fastssl.eval import metrics
 from fastssl.models import MaskedAutoencoderViT
 from fastssl.models import weights
 from fastssl.run import cli, dist
-from fastssl.train import engine
-from fastssl.train.logger import RunLogger
 
 
 @torch.no_grad()
@@ -106,21 +104,15 @@ def epoch_hook(cfg: RunConfig, knn: KNNConfig, info: dist.DistInfo):
 
 
 def run(cfg: KNNRunConfig) -> dict:
-    info = dist.init(cfg.device)
-    cli.require_file("data.train", cfg.data.train)
-    cli.require_file("data.val", cfg.data.val)
+    info = cli.start(cfg, split_batch=False)  # no training: batch_size does not apply
     torch.manual_seed(cfg.seed)
     encoder = weights.build_vit(cfg.init, size=cfg.model.size, patch_size=cfg.model.patch_size,
                                 unsafe=cfg.init_unsafe, num_classes=0, global_pool=cfg.global_pool,
                                 img_size=cfg.data.res).to(info.device)
     train, val = eval_loaders(cfg, info, cfg.knn)
-    run_dir = engine.prepare_run_dir(cfg, info)
-    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
-    try:
+    with cli.run_folder(cfg, info) as (run_dir, logger):
         result = knn_eval(encoder, train, val, num_classes(cfg.data.train), info, cfg.precision, cfg.knn)
         logger.log(result, step=0)
-    finally:
-        logger.close()
     if info.is_main:
         metrics.write_results(run_dir, {"init": cfg.init, "k": cfg.knn.k,
                                            "temperature": cfg.knn.temperature, **result})

@@ -17,13 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.config import LinProbeConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader, num_classes
+from fastssl.config import LinProbeConfig
+from fastssl.data import num_classes
 from fastssl.eval import metrics
 from fastssl.models import weights
 from fastssl.run import cli, dist
 from fastssl.train import engine, optim, progressive
-from fastssl.train.logger import RunLogger
 
 
 class ProbeHead(nn.Module):
@@ -127,46 +126,34 @@ def build_encoder(cfg: LinProbeConfig) -> nn.Module:
 
 
 def run(cfg: LinProbeConfig) -> dict:
-    info = dist.init(cfg.device)
-    cfg.validate_world(info.world_size)
-    cli.require_file("data.train", cfg.data.train)
-    cli.require_file("data.val", cfg.data.val)
+    info = cli.start(cfg)
     encoder = build_encoder(cfg).to(info.device)
     head = ProbeHead(encoder.num_features, num_classes(cfg.data.train), len(cfg.lr_scales)).to(info.device)
     groups = [{"params": fc.parameters(), "lr_scale": s} for fc, s in zip(head.fc, cfg.lr_scales)]
     optimizer = optim.LARS(groups, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
     per_process_batch = cfg.micro_batch(info.world_size)
-    train = make_pretrain_loader(
-        cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
-        seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
-    )
-    val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,
-                           num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)
-    run_dir = engine.prepare_run_dir(cfg, info)
-    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
-    if cfg.cache_views:
-        dtype = getattr(torch, cfg.cache_dtype)
-        model = head
-        train = FeatureLoader(*extract_features(encoder, train, cfg.cache_views, info, cfg.precision, dtype),
-                              batch_size=per_process_batch, seed=cfg.seed)
-        val = FeatureLoader(*extract_features(encoder, val, 1, info, cfg.precision, dtype),
-                            batch_size=per_process_batch, drop_last=False)
-    else:
-        model = LinearProbe(encoder, head)
+    train, val = cli.train_loader(cfg, info), cli.val_loader(cfg, info)
 
     def loss_fn(m, x, labels, stage) -> torch.Tensor:
         logits = m(x)  # (heads, B, C): the sum keeps each head's gradient its own
         return sum(F.cross_entropy(h, labels) for h in logits.float())
 
-    try:
+    with cli.run_folder(cfg, info) as (run_dir, logger):
+        if cfg.cache_views:
+            dtype = getattr(torch, cfg.cache_dtype)
+            model = head
+            train = FeatureLoader(*extract_features(encoder, train, cfg.cache_views, info, cfg.precision, dtype),
+                                  batch_size=per_process_batch, seed=cfg.seed)
+            val = FeatureLoader(*extract_features(encoder, val, 1, info, cfg.precision, dtype),
+                                batch_size=per_process_batch, drop_last=False)
+        else:
+            model = LinearProbe(encoder, head)
         engine.fit(cfg, info, model, optimizer, train, loss_fn, progressive.constant(cfg.data.res), logger)
         per_head = metrics.evaluate_heads(model, val, info, cfg.precision)
         sweep = [{"lr": cfg.lr() * s, **m} for s, m in zip(cfg.lr_scales, per_head)]
         best = max(sweep, key=lambda r: r["val/top1"])
         result = {**best, "sweep": sweep} if len(sweep) > 1 else best
         logger.log(best, step=0)
-    finally:
-        logger.close()
     if info.is_main:
         metrics.write_results(run_dir, {"init": cfg.init, **result})
         for r in sweep if len(sweep) > 1 else []:

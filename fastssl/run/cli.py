@@ -1,13 +1,20 @@
-"""What every `python -m fastssl.X RECIPE key=value ...` entry point shares."""
+"""What every `python -m fastssl.X RECIPE key=value ...` entry point shares: parsing and one-line
+errors (`main`), and the set-up around a run (`start`, the loaders, `run_folder`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
-from fastssl.config import load_config
+from fastssl import atomic
+from fastssl.config import RunConfig, load_config, to_dict
+from fastssl.data import make_eval_loader, make_pretrain_loader
 from fastssl.errors import ConfigError, NonFiniteLoss
+from fastssl.run import dist
+from fastssl.train.logger import RunLogger
 
 C = TypeVar("C")
 
@@ -37,3 +44,50 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
 def require_file(key: str, path: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"{key}={path!r}: no such file")
+
+
+def start(cfg: RunConfig, split_batch: bool = True,
+          check: Callable[[dist.DistInfo], None] | None = None) -> dist.DistInfo:
+    """Distributed init, then the checks that need it or the disk, before anything is built: the
+    batch's split over the processes (`split_batch`: the run trains), the entry's own `check`, the
+    .beton files."""
+    info = dist.init(cfg.device)
+    if split_batch:
+        cfg.validate_world(info.world_size)
+    if check is not None:
+        check(info)
+    require_file("data.train", cfg.data.train)
+    if cfg.data.val:
+        require_file("data.val", cfg.data.val)
+    return info
+
+
+def train_loader(cfg: RunConfig, info: dist.DistInfo, **augment):
+    """The recipe's training loader (random resized crop + flip; `augment`: e.g. its `scale`)."""
+    return make_pretrain_loader(
+        cfg.data.train, batch_size=cfg.micro_batch(info.world_size), res=cfg.data.res,
+        num_workers=cfg.data.num_workers, seed=cfg.seed, distributed=info.distributed, device=info.device,
+        os_cache=cfg.data.os_cache, **augment,
+    )
+
+
+def val_loader(cfg: RunConfig, info: dist.DistInfo):
+    """The recipe's validation loader (centre crop), split over the processes."""
+    return make_eval_loader(cfg.data.val, batch_size=cfg.micro_batch(info.world_size), res=cfg.data.res,
+                            num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)
+
+
+@contextlib.contextmanager
+def run_folder(cfg: RunConfig, info: dist.DistInfo) -> Iterator[tuple[Path, RunLogger]]:
+    """The run folder with its config.json (rank 0 writes, all wait) and the run's logger, closed
+    however the run ends."""
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+    dist.barrier()
+    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
+    try:
+        yield run_dir, logger
+    finally:
+        logger.close()

@@ -10,18 +10,15 @@ augmentations are functions of (seed, epoch, index), and every micro-batch resee
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastssl import atomic
 from fastssl.config import RunConfig, to_dict
 from fastssl.errors import NonFiniteLoss
 from fastssl.run import dist
@@ -64,15 +61,6 @@ class Progress:
     micro: int = 0  # micro-batches of that epoch already trained on
     micro_batch: int = 0  # their size per process (0: unknown, a checkpoint older than per-stage sizes)
     step: int = 0  # optimizer steps since the start of training
-
-
-def prepare_run_dir(cfg: RunConfig, info: dist.DistInfo) -> Path:
-    run_dir = Path(cfg.run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic.write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-    dist.barrier()
-    return run_dir
 
 
 def seed_position(seed: int, position: int, info: dist.DistInfo) -> None:

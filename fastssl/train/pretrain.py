@@ -8,23 +8,18 @@ from functools import partial
 
 import torch
 
-from fastssl.config import ConfigError, PretrainConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader
+from fastssl.config import ConfigError, PretrainConfig
+from fastssl.data import make_eval_loader
 from fastssl.eval import knn
 from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
-from fastssl.run import cli, dist
+from fastssl.run import cli
 from fastssl.train import depth_growth, engine, flops, optim, progressive
-from fastssl.train.logger import RunLogger
 from fastssl.train.visualize import save_reconstructions
 
 
 def run(cfg: PretrainConfig) -> engine.Progress:
-    info = dist.init(cfg.device)
-    cfg.validate_world(info.world_size)
-    cli.require_file("data.train", cfg.data.train)
-    if cfg.data.val:
-        cli.require_file("data.val", cfg.data.val)
+    info = cli.start(cfg)
     init_state = weights.read(cfg.init, "init", cfg.init_unsafe) if cfg.init else None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -45,47 +40,38 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
                             adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
     stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
-    per_process_batch = cfg.micro_batch(info.world_size)
-    loader = make_pretrain_loader(
-        cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
-        seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
-    )
-    run_dir = engine.prepare_run_dir(cfg, info)
-    logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb,
-                       project=cfg.log.project)
+    loader = cli.train_loader(cfg, info)
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
         return m(imgs, mask_ratio=stage.mask_ratio)[0]
 
-    hooks = []
-    if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
-        # Eight val images spread over the (class-sorted) split: the same pictures every time.
-        val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
-                               device=info.device)
-        every = torch.cat([imgs for imgs, _ in val])
-        fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
+    with cli.run_folder(cfg, info) as (run_dir, logger):
+        hooks = []
+        if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
+            # Eight val images spread over the (class-sorted) split: the same pictures every time.
+            val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
+                                   device=info.device)
+            every = torch.cat([imgs for imgs, _ in val])
+            fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
 
-        def recon(epoch: int, m) -> dict:
-            if (epoch + 1) % cfg.log.recon_every_epochs:
-                return {}
-            path = run_dir / "recon" / f"epoch_{epoch + 1:04d}.png"
-            save_reconstructions(m, fixed, cfg.mask_ratio, path)
-            return {"recon": str(path)}
+            def recon(epoch: int, m) -> dict:
+                if (epoch + 1) % cfg.log.recon_every_epochs:
+                    return {}
+                path = run_dir / "recon" / f"epoch_{epoch + 1:04d}.png"
+                save_reconstructions(m, fixed, cfg.mask_ratio, path)
+                return {"recon": str(path)}
 
-        hooks.append(recon)
-    if cfg.knn.every_epochs:
-        hooks.append(knn.epoch_hook(cfg, cfg.knn, info))
+            hooks.append(recon)
+        if cfg.knn.every_epochs:
+            hooks.append(knn.epoch_hook(cfg, cfg.knn, info))
 
-    def on_epoch_end(epoch: int, m) -> dict:
-        return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
+        def on_epoch_end(epoch: int, m) -> dict:
+            return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
 
-    try:
         return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
                           stages=stages,
                           # as `python -m fastssl.flops` counts them; each stage carries its depth
                           flops_per_image=partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
-    finally:
-        logger.close()
 
 
 def _restore_scalenet(model: torch.nn.Module, state: dict, path: str) -> None:
