@@ -1,4 +1,5 @@
 """The training loop's mechanics on a synthetic loader: clipping, accumulation, LR schedule, checkpoints."""
+import itertools
 import math
 import time
 
@@ -105,21 +106,43 @@ def test_logged_loader_wait_is_the_share_of_time_spent_waiting_for_batches(tmp_p
     assert max(r["data_wait"] for r in fast) < min(r["data_wait"] for r in slow)
 
 
-def test_mfu_is_logged_against_the_given_peak_and_only_with_one(tmp_path):
-    lines = logged_lines(tmp_path / "a", TensorLoader, peak_tflops=2.0)
-    for r in lines:  # 1 GFLOP an image against 2 TFLOP/s
-        assert r["mfu"] == pytest.approx(r["img_per_s"] * 1e9 / 2e12, rel=1e-9)
+def test_log_window_rates_on_a_known_clock(monkeypatch):
+    # Worked by hand: 2 steps of batch 8 at 1e12 FLOPs each, in 2 s on 2 processes of a 1 TFLOP/s
+    # device, 0.5 s of it blocked on the loader -> 8 images/s, MFU 0.5, data_wait 0.25.
+    clock = itertools.chain([0.0], itertools.repeat(2.0))  # the window's start, then its line's moment
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    cfg = RunConfig(batch_size=8)
+    logger = RecordingLogger()
+    window = engine.LogWindow(cfg, dist.DistInfo(world_size=2), logger, peak_flops=1e12)
+    window.waited.seconds = 0.5
+    state = engine.TrainState(nn.Linear(1, 1), torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1),
+                              torch.amp.GradScaler("cpu", enabled=False), None, {}, engine.Progress(step=2))
+    for loss in (1.0, 3.0):
+        window.loss_sum += loss
+        window.add_step(1e12)
+    monkeypatch.setattr(dist, "all_reduce_mean", lambda t: t)  # one process stands in for two here
+    window.write(state, force=True)
+    (line,) = logger.lines
+    assert line["train/loss"] == 2.0 and line["img_per_s"] == 8.0
+    assert line["mfu"] == 0.5 and line["data_wait"] == 0.25
+
+
+def test_mfu_is_logged_only_with_a_peak(tmp_path):
+    assert all("mfu" in r for r in logged_lines(tmp_path / "a", TensorLoader, peak_tflops=2.0))
     assert all("mfu" not in r for r in logged_lines(tmp_path / "b", TensorLoader))  # a CPU: no nominal peak
 
 
-def test_device_peak_flops_names_known_gpus(monkeypatch):
+def test_device_peak_flops_finds_gpus_by_their_reported_names(monkeypatch):
     assert flops.device_peak_flops(torch.device("cpu")) is None
     assert flops.device_peak_flops(torch.device("cpu"), tflops=3.5) == 3.5e12
     cuda = torch.device("cuda")
-    for name, tflops in [("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H200", 989),
-                         ("Tesla V100-SXM2-32GB", None)]:
-        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
-        assert flops.device_peak_flops(cuda) == (tflops and tflops * 1e12)
+    # names as torch.cuda.get_device_name reports them -> the table's entry (None: not in it)
+    for reported, entry in [("NVIDIA A100-SXM4-80GB", "A100"), ("NVIDIA H100 80GB HBM3", "H100"),
+                            ("NVIDIA H200", "H200"), ("Tesla V100-SXM2-32GB", None)]:
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=reported: name)
+        expected = entry and flops.NOMINAL_BF16_TFLOPS[entry] * 1e12
+        assert flops.device_peak_flops(cuda) == expected
+        assert flops.device_peak_flops(cuda, tflops=100.0) == 100e12  # the user's figure wins
 
 
 def test_clipping_bounds_the_gradient_norm(tmp_path):

@@ -62,8 +62,16 @@ def test_forward_shapes(mae):
     assert ids_restore.shape == (2, 16)
 
 
-def test_attention_is_fused_sdpa(mae):
-    assert all(blk.attn.fused_attn for blk in [*mae.blocks, *mae.decoder_blocks])
+def test_attention_runs_fused_sdpa(mae, monkeypatch):
+    # What executes, not a flag: every encoder and decoder block calls torch's fused kernel entry once.
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(a[0].shape) or sdpa(*a, **kw))
+    mae(imgs(), mask_ratio=0.75)
+    assert len(calls) == len(mae.blocks) + len(mae.decoder_blocks)
+    visible, all_tokens = 1 + len_keep(16, 0.75), 1 + 16
+    assert [shape[-2] for shape in calls] == [visible] * len(mae.blocks) + [all_tokens] * len(mae.decoder_blocks)
 
 
 def test_len_keep_rounds_down_like_mae():
