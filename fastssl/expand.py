@@ -12,10 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from fastssl.models import scalenet
+from fastssl.errors import ConfigError
+from fastssl.models import scalenet, weights
 from fastssl.models.vit import encoder_state_dict
 from fastssl.train.checkpoint import atomic_torch_save
 
@@ -24,15 +24,15 @@ class ExpandError(ValueError):
     pass
 
 
-def read_state_dict(path: str) -> dict:
-    if not Path(path).is_file():
-        raise ExpandError(f"{path!r}: no such file")
+def read_state_dict(path: str, unsafe: bool = False) -> dict:
+    """The model state as it trained, read the way every `init=` is (`weights.read`: safe loading;
+    a progressive checkpoint saved before its last growth: only its `layer_plan` blocks); a
+    ScaleNet spec stays in it."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ExpandError(f"{path!r}: cannot be read safely ({type(e).__name__})") from None
-    sd = state.get("model", state) if isinstance(state, dict) else None
-    if not isinstance(sd, dict) or "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        sd = weights.raw_model_state(weights.planned(weights.read(path, "ckpt", unsafe, "--unsafe"), path, "ckpt"))
+    except ConfigError as e:
+        raise ExpandError(str(e)) from None
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
         raise ExpandError(f"{path!r}: not a ViT or MAE checkpoint (no cls_token / patch_embed weights)")
     return sd
 
@@ -52,11 +52,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter-act", default="none", help="none (mergeable) | gelu")
     p.add_argument("--export", action="store_true", help="write the plain ViT of an expanded checkpoint")
     p.add_argument("--out", required=True)
+    p.add_argument("--unsafe", action="store_true", help="allow arbitrary unpickling of CKPT (trusted files only)")
     args = p.parse_args(argv)
     try:
         if Path(args.out).resolve() == Path(args.ckpt).resolve():
             raise ExpandError(f"--out {args.out!r} would overwrite the input")
-        sd = read_state_dict(args.ckpt)
+        sd = read_state_dict(args.ckpt, args.unsafe)
         model = scalenet.build_for(sd)
         if args.export:
             if not scalenet.is_expanded(model):

@@ -87,3 +87,21 @@ def test_expand_an_mae_of_non_default_depth(tmp_path):
     main([str(src), "--depth", "9", "--map", "interleave", "--out", str(tmp_path / "x.pth")])
     assert torch.load(tmp_path / "x.pth", weights_only=True)["model"]["scalenet"]["sources"] == \
         [0, 0, 1, 2, 2, 3, 4, 4, 5]
+
+
+def test_a_checkpoint_saved_before_its_last_growth_expands_only_its_trained_blocks(tmp_path, capsys):
+    """A progressive checkpoint holds every block, but only its `layer_plan` ever ran: expansion
+    shares those, as `init=` reads them, and never the untrained ones."""
+    torch.manual_seed(0)
+    mae = build_mae("micro", patch_size=8, img_size=32)  # 4 blocks, of which the plan runs 2
+    src = tmp_path / "ckpt_before_growth.pt"
+    torch.save({"model": mae.state_dict(), "progress": {"step": 10},
+                "config": {"progressive": {"growth": {"gate_steps": 4}}},
+                "progressive": {"layer_plan": [0, 2], "gate_start": {}}}, src)
+    main([str(src), "--depth", "4", "--out", str(tmp_path / "x.pth")])
+    assert "4 positions run 2 shared blocks" in capsys.readouterr().out
+    sd = torch.load(tmp_path / "x.pth", weights_only=True)["model"]
+    assert sd["scalenet"]["sources"] == [0, 1, 0, 1]
+    trained = mae.state_dict()
+    assert torch.equal(sd["blocks.0.attn.qkv.weight"], trained["blocks.0.attn.qkv.weight"])
+    assert torch.equal(sd["blocks.1.attn.qkv.weight"], trained["blocks.2.attn.qkv.weight"])

@@ -116,7 +116,7 @@ def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, ke
     `size`; `state`: the file's contents when already read). `vit_kwargs` go to `build_vit_encoder`
     (num_classes, global_pool, drop_path, img_size)."""
     if init != "random":
-        state = _planned(_plain(state if state is not None else read(init, key, unsafe), init, key), init, key)
+        state = planned(_plain(state if state is not None else read(init, key, unsafe), init, key), init, key)
         vit_kwargs.setdefault("depth", _depth(model_state(state)))
         found = vit_arch(state, init, key)
         if found != (size, patch_size):
@@ -144,7 +144,7 @@ def _plain(state: dict, path: str, key: str) -> dict:
         raise ConfigError(f"{key}={path!r}: {e}") from None
 
 
-def _planned(state: dict, path: str, key: str) -> dict:
+def planned(state: dict, path: str, key: str = "init") -> dict:
     """A progressive pretraining checkpoint as the encoder it ran: position j holds block
     `layer_plan[j]`. Taken before the last growth, it also holds blocks that never trained, which
     are left out; others as is."""
