@@ -24,10 +24,10 @@ from functools import partial
 import numpy as np
 import torch
 
+from fastssl.data.loaders import IMAGENET_MEAN as MEAN, IMAGENET_STD as STD
+
 from .common import fmt_rate, measure, measure_interleaved, print_table, write_results
 from .photos import photo_beton
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class _Photos(torch.utils.data.Dataset):

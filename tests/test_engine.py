@@ -127,6 +127,15 @@ def test_log_window_rates_on_a_known_clock(monkeypatch):
     assert line["mfu"] == 0.5 and line["data_wait"] == 0.25
 
 
+def test_a_log_call_with_no_metrics_writes_no_line(tmp_path):
+    logger = RunLogger(tmp_path, {}, enabled=True, wandb="disabled", project="test")
+    logger.log({}, step=3)  # an epoch-end hook that had nothing due
+    logger.log({"train/loss": 1.0}, step=4)
+    logger.close()
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and '"train/loss": 1.0' in lines[0]
+
+
 def test_mfu_is_logged_only_with_a_peak(tmp_path):
     assert all("mfu" in r for r in logged_lines(tmp_path / "a", TensorLoader, peak_tflops=2.0))
     assert all("mfu" not in r for r in logged_lines(tmp_path / "b", TensorLoader))  # a CPU: no nominal peak

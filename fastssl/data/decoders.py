@@ -11,8 +11,8 @@ of an empty (zero-byte) buffer, because ffcv re-queries every operation's memory
 epoch (``EpochIterator`` -> ``Graph.allocate_memory``) and passes the buffers to the compiled code as
 arguments; numba does not recompile for a new shape.
 
-Compiled once: ffcv has numba compile every operation's code when a Loader first runs: ~2.5 s for a
-random crop, ~1 s for a centre crop on 2 cores, paid by every process for every loader it builds (a
+Compiled once: ffcv has numba compile every operation's code when a Loader first runs (seconds; the
+figures are in the README's Performance section), paid by every process for every loader it builds (a
 linear probe builds two, the test suite hundreds). Here the per-batch work is in module-level kernels
 kept in numba's on-disk cache (``cache=True``: ``__pycache__`` beside this file, or
 ``NUMBA_CACHE_DIR``); around them, the decoder's per-batch code is a few vectorised numpy lines that
@@ -242,7 +242,7 @@ class Labels(IntDecoder):
 @contextlib.contextmanager
 def ffcv_compiler(enabled: bool) -> Iterator[None]:
     """ffcv's numba compilation of pipeline code on (its default) or off while building a Loader: ffcv
-    compiles every operation's code for every Loader (~0.3 s per decoder on 2 cores); the decoders
+    compiles every operation's code for every Loader (see the README's Performance section); the decoders
     here keep their work in kernels compiled once per machine and need no more."""
     before = Compiler.is_enabled
     Compiler.set_enabled(enabled)

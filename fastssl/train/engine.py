@@ -67,7 +67,7 @@ def seed_position(seed: int, position: int, info: dist.DistInfo) -> None:
     """Masking noise and drop path of each micro-batch depend only on where it is in training."""
     s = (seed * 1_000_003 + position) * 4099 + info.rank
     # Only the generators this process draws from: torch.manual_seed also seeds every other backend,
-    # and while CUDA is uninitialised (any CPU run) it records a stack trace per call, ~0.5 ms a step.
+    # and while CUDA is uninitialised (any CPU run) it records a stack trace per call, every step.
     torch.default_generator.manual_seed(s)
     if info.device.type == "cuda":
         torch.cuda.manual_seed(s)

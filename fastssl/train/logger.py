@@ -35,7 +35,7 @@ class RunLogger:
             )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        if not self.enabled:
+        if not self.enabled or not metrics:  # e.g. an epoch hook with nothing due: no step-and-time-only line
             return
         self._file.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         if self.run is not None:

@@ -7,9 +7,7 @@ import torch
 from PIL import Image
 
 from fastssl import atomic
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from fastssl.data.loaders import IMAGENET_MEAN, IMAGENET_STD
 
 
 @torch.no_grad()
