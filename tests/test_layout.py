@@ -2,6 +2,10 @@
 import time; not those under `if TYPE_CHECKING:`, which never run), and the dependencies point the
 way the README's Architecture section says."""
 import ast
+import functools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,7 +20,15 @@ def _is_type_checking(test: ast.expr) -> bool:
     return isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
 
 
+@functools.lru_cache
 def import_graph() -> dict[str, set[str]]:
+    # Parsed in a fresh interpreter: late in a long test session CPython 3.11.7's ast.parse can raise
+    # a spurious SystemError ("AST constructor recursion depth mismatch").
+    out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, check=True).stdout
+    return {name: set(deps) for name, deps in json.loads(out).items()}
+
+
+def parse_import_graph() -> dict[str, set[str]]:
     files = {module_name(p): p for p in (ROOT / "fastssl").rglob("*.py")}
     graph = {}
     for name, path in files.items():
@@ -86,3 +98,7 @@ def test_dependencies_point_one_way():
             assert not {d for d in deps if d.startswith("fastssl.eval")}, name
         if name.startswith(("fastssl.train", "fastssl.eval")):
             assert not {d for d in deps if d.startswith(("fastssl.run.launcher", "fastssl.run.job"))}, name
+
+
+if __name__ == "__main__":
+    print(json.dumps({name: sorted(deps) for name, deps in parse_import_graph().items()}))
