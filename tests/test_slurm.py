@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl.run.copy_to_node import stage
+from fastssl.run.copy_to_node import copy_to_node
 from fastssl.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -224,10 +224,10 @@ def test_sbatch_rejections_are_slurms_one_line(slurm, demo_betons, args, message
 
 
 def test_staging_copies_once_and_recopies_a_damaged_copy(demo_betons, tmp_path):
-    dest = stage(demo_betons.train, tmp_path)
+    dest = copy_to_node(demo_betons.train, tmp_path)
     assert dest.read_bytes() == demo_betons.train.read_bytes()
     first = dest.stat().st_mtime_ns
-    assert stage(demo_betons.train, tmp_path) == dest and dest.stat().st_mtime_ns == first  # no second copy
+    assert copy_to_node(demo_betons.train, tmp_path) == dest and dest.stat().st_mtime_ns == first  # no second copy
     with open(dest, "r+b") as f:
         f.truncate(10)
-    assert stage(demo_betons.train, tmp_path).read_bytes() == demo_betons.train.read_bytes()
+    assert copy_to_node(demo_betons.train, tmp_path).read_bytes() == demo_betons.train.read_bytes()

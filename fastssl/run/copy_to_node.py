@@ -1,6 +1,6 @@
 """Copy a dataset file to node-local storage once per node, verified by size and SHA-256.
 
-Every process of a node calls `stage`; a file lock lets the first one copy while the others wait and
+Every process of a node calls `copy_to_node`; a file lock lets the first one copy while the others wait and
 then find the copy done. A marker beside the copy records the source's size, mtime and checksum, so a
 requeued job on the same node (same stage folder) copies nothing.
 """
@@ -17,7 +17,7 @@ from fastssl import atomic
 _CHUNK = 16 << 20
 
 
-class StagingError(RuntimeError):
+class CopyError(RuntimeError):
     """The copy does not match its source."""
 
 
@@ -29,7 +29,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def stage(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
+def copy_to_node(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
     """The node-local copy of `src` in `dest_dir` (made if missing or stale)."""
     src = Path(src).resolve()
     dest_dir = Path(dest_dir)
@@ -48,7 +48,7 @@ def stage(src: str | os.PathLike, dest_dir: str | os.PathLike) -> Path:
         with atomic.replacing(dest) as tmp:
             digest = _copy_hashing(src, tmp)
             if tmp.stat().st_size != st.st_size or sha256(tmp) != digest:
-                raise StagingError(f"staging {src} to {dest_dir}: the copy differs from the source")
+                raise CopyError(f"copying {src} to {dest_dir}: the copy differs from the source")
         atomic.write_text(marker, json.dumps({**want, "sha256": digest}))
     return dest
 

@@ -1,7 +1,7 @@
 """What a submitted job runs on each of its tasks: one process per GPU (or CPU stand-in).
 
 `Job(entry, recipe, overrides)()` takes rank, world and master from submitit's distributed
-environment, stages the .beton files if asked, and runs the entry point. On USR2 (Slurm's warning
+environment, copies the .beton files to the node if asked, and runs the entry point. On USR2 (Slurm's warning
 before a timeout, or a preemption) the training loop saves at the next step boundary; then rank 0
 hands over to submitit's own handler, which re-pickles this job and requeues it, and the requeued
 job resumes from that checkpoint. A real error is not caught here: the job fails and stays failed.
@@ -71,7 +71,7 @@ class Job(submitit.helpers.Checkpointable):
         module = entry_module(self.entry)
         cfg = load_config(config_class(module), self.recipe, resolve_init(self.overrides))
         if self.stage_dir:
-            self._stage(cfg)
+            self._copy_to_node(cfg)
         submitit_handler = stop.arm(signal.SIGUSR2)
         try:
             return module.run(cfg)
@@ -84,12 +84,12 @@ class Job(submitit.helpers.Checkpointable):
             time.sleep(600)  # the requeue ends this task; rank 0 failing ends it too (--kill-on-bad-exit)
             sys.exit(1)
 
-    def _stage(self, cfg) -> None:
-        from fastssl.run.copy_to_node import stage
+    def _copy_to_node(self, cfg) -> None:
+        from fastssl.run.copy_to_node import copy_to_node
 
         folder = os.path.expandvars(self.stage_dir)
         if "$" in folder:
             raise ConfigError(f"--stage-dir {self.stage_dir!r}: a variable in it is not set on this node")
-        cfg.data.train = str(stage(cfg.data.train, folder))
+        cfg.data.train = str(copy_to_node(cfg.data.train, folder))
         if cfg.data.val:
-            cfg.data.val = str(stage(cfg.data.val, folder))
+            cfg.data.val = str(copy_to_node(cfg.data.val, folder))
