@@ -17,7 +17,7 @@ from torch import nn
 
 from fastssl import checkpoint, cli, dist, engine, evaluation, optim, progressive, weights
 from fastssl.config import ConfigError, FinetuneConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader, num_classes
+from fastssl.data import jpeg_crop, make_eval_loader, make_pretrain_loader, num_classes
 from fastssl.data.batch_augment import BatchAugment, parse_rand_augment
 from fastssl.logger import RunLogger
 
@@ -56,7 +56,10 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> nn.Module:
 
 
 def run(cfg: FinetuneConfig) -> dict:
+    decode = jpeg_crop.describe(cfg.data.crop_decode)  # a missing decoder stops the run here, before any work
     info = dist.init(cfg.device)
+    if info.is_main:
+        print(f"data: {decode}", flush=True)
     cfg.validate_world(info.world_size)
     per_process_batch = cfg.micro_batch(info.world_size)
     aug = cfg.augment
@@ -77,6 +80,7 @@ def run(cfg: FinetuneConfig) -> dict:
     train = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+        crop_decode=cfg.data.crop_decode,
         scale=aug.scale,
     )
     val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,

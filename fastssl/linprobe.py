@@ -19,7 +19,7 @@ from torch import nn
 
 from fastssl import cli, dist, engine, evaluation, optim, progressive, weights
 from fastssl.config import LinProbeConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader, num_classes
+from fastssl.data import jpeg_crop, make_eval_loader, make_pretrain_loader, num_classes
 from fastssl.logger import RunLogger
 
 
@@ -124,7 +124,10 @@ def build_encoder(cfg: LinProbeConfig) -> nn.Module:
 
 
 def run(cfg: LinProbeConfig) -> dict:
+    decode = jpeg_crop.describe(cfg.data.crop_decode)  # a missing decoder stops the run here, before any work
     info = dist.init(cfg.device)
+    if info.is_main:
+        print(f"data: {decode}", flush=True)
     cfg.validate_world(info.world_size)
     cli.require_file("data.train", cfg.data.train)
     cli.require_file("data.val", cfg.data.val)
@@ -136,6 +139,7 @@ def run(cfg: LinProbeConfig) -> dict:
     train = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+        crop_decode=cfg.data.crop_decode,
     )
     val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,
                            num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)

@@ -10,14 +10,17 @@ import torch
 
 from fastssl import cli, dist, engine, flops, knn, optim, progressive, weights
 from fastssl.config import ConfigError, PretrainConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader
+from fastssl.data import jpeg_crop, make_eval_loader, make_pretrain_loader
 from fastssl.logger import RunLogger
 from fastssl.models import build_mae, scalenet
 from fastssl.visualize import save_reconstructions
 
 
 def run(cfg: PretrainConfig) -> engine.Progress:
+    decode = jpeg_crop.describe(cfg.data.crop_decode)  # a missing decoder stops the run here, before any work
     info = dist.init(cfg.device)
+    if info.is_main:
+        print(f"data: {decode}", flush=True)
     cfg.validate_world(info.world_size)
     cli.require_file("data.train", cfg.data.train)
     if cfg.data.val:
@@ -46,6 +49,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     loader = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+        crop_decode=cfg.data.crop_decode,
     )
     run_dir = engine.prepare_run_dir(cfg, info)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb,

@@ -26,7 +26,7 @@ JPEGs go through the crop-aware decoder (:mod:`fastssl.data.jpeg_crop`) by defau
 the crop box, at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) that keeps the crop at least at the
 output size, then area-resizes as the stock decoder does. The crop boxes are the same either way; at
 scale 1/1 the pixels are exactly the stock decoder's, scaled decodes differ by DCT-domain smoothing.
-``crop_decode=False`` (or no C compiler) decodes the full image at full scale and then crops, as ffcv
+``crop_decode=False`` decodes the full image at full scale and then crops, as ffcv
 does; the centre crop always does (ffcv's ``CenterCropRGBImageDecoder``, pixel for pixel).
 """
 from __future__ import annotations
@@ -200,7 +200,9 @@ class CachedKernelDecoder(ResizedCropRGBImageDecoder):
         super().__init__(output_size)
         self.random, self.params = random, params
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        self.crop_decode = bool(crop_decode) and jpeg_crop.AVAILABLE
+        if crop_decode:
+            jpeg_crop.require()  # never a silent fall-back to the full-image decode
+        self.crop_decode = bool(crop_decode)
         self.epoch = 0
 
     def declare_state_and_memory(self, previous_state):
