@@ -14,8 +14,7 @@ arguments; numba does not recompile for a new shape.
 Compiled once: ffcv has numba compile every operation's code when a Loader first runs: ~2.5 s for a
 random crop, ~1 s for a centre crop on 2 cores, paid by every process for every loader it builds (a
 linear probe builds two, the test suite hundreds). Here the per-batch work is in module-level kernels
-kept in numba's on-disk cache (``cache=True``: ``__pycache__`` beside this file, or
-``NUMBA_CACHE_DIR``); around them, the decoder's per-batch code is a few vectorised numpy lines that
+kept in numba's on-disk cache (where: :mod:`fastssl.data.kernel_cache`); around them, the decoder's per-batch code is a few vectorised numpy lines that
 run as Python, so its Loader is built with ffcv's compiler off and a warm process compiles nothing
 (the labels get a vectorised decoder for the same reason). The kernels reach C (the crop-aware JPEG
 decoder, ffcv's ``imdecode`` and ``resize``) by symbol name, because numba will not cache code that
@@ -46,6 +45,7 @@ from llvmlite import binding as llvm
 from numba import types
 
 from . import jpeg_crop
+from .kernel_cache import CACHE
 
 JPG = np.uint8(IMAGE_MODES["jpg"])
 
@@ -67,20 +67,20 @@ _TWO_M53 = 1.0 / 9007199254740992.0
 
 
 # No fastmath anywhere here: a crop box must not depend on how its caller was vectorised.
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _mix(z):
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _uniform(state):
     state = state + _GOLDEN
     return state, np.float64(_mix(state) >> _S11) * _TWO_M53
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def sample_crop_flip(seed, epoch, index, height, width, scale, ratio, flip_prob):
     """torchvision's RandomResizedCrop box (10 tries, then a centre crop clamped to ``ratio``) and a
     flip decision, drawn from the stream of (seed, epoch, index). Returns (i, j, h, w, flip)."""
@@ -113,14 +113,14 @@ def sample_crop_flip(seed, epoch, index, height, width, scale, ratio, flip_prob)
     return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def center_crop(height, width, ratio):
     """ffcv's ``get_center_crop``: the centre square of ``ratio`` x the short side, (i, j, h, w)."""
     c = int(ratio * min(height, width))
     return (height - c) // 2, (width - c) // 2, c, c
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def dct_denom(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
     """The largest of 1, 2, 4, 8 that still decodes the crop at least at the output size."""
     d = 1
@@ -129,7 +129,7 @@ def dct_denom(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
     return d
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _flip_in_place(img):
     w = img.shape[1]
     for y in range(img.shape[0]):
@@ -140,7 +140,7 @@ def _flip_in_place(img):
                 img[y, w - 1 - x, c] = tmp
 
 
-@numba.njit(nogil=True, parallel=True, cache=True)
+@numba.njit(nogil=True, parallel=True, cache=CACHE)
 def decode_batch(indices, metadata, where, out, temp, epoch, seed, params, random, crop_decode) -> int:
     """Sample k (``indices[k]``, ``where[k]`` = its bytes' address and size) cropped, resized into
     ``out[k]``, in parallel over samples: a seeded RandomResizedCrop + flip if ``random`` (params =
