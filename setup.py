@@ -68,8 +68,8 @@ class BuildExt(build_ext):
 include_dirs, library_dirs = libjpeg_dirs()
 setup(
     ext_modules=[Extension(
-        "fastssl.data._jpeg_crop", [SOURCE, "fastssl/data/jpeg_crop_module.c"], libraries=["jpeg", "m"], extra_compile_args=["-O3"],
-        include_dirs=include_dirs, library_dirs=library_dirs,
+        "fastssl.data._jpeg_crop", [SOURCE, "fastssl/data/jpeg_crop_module.c"], libraries=["jpeg", "m"],
+        extra_compile_args=["-O3"], include_dirs=include_dirs, library_dirs=library_dirs,
         runtime_library_dirs=library_dirs,  # a conda libjpeg resolves without LD_LIBRARY_PATH
     )],
     cmdclass={"build_ext": BuildExt},

@@ -14,11 +14,11 @@ arguments; numba does not recompile for a new shape.
 Compiled once: ffcv has numba compile every operation's code when a Loader first runs: ~2.5 s for a
 random crop, ~1 s for a centre crop on 2 cores, paid by every process for every loader it builds (a
 linear probe builds two, the test suite hundreds). Here the per-batch work is in module-level kernels
-kept in numba's on-disk cache (where: :mod:`fastssl.data.kernel_cache`); around them, the decoder's per-batch code is a few vectorised numpy lines that
-run as Python, so its Loader is built with ffcv's compiler off and a warm process compiles nothing
-(the labels get a vectorised decoder for the same reason). The kernels reach C (the crop-aware JPEG
-decoder, ffcv's ``imdecode`` and ``resize``) by symbol name, because numba will not cache code that
-holds one process's ctypes pointers. Every numba function they call lives in this file: numba's
+kept in numba's on-disk cache (where: :mod:`fastssl.data.kernel_cache`); around them, the decoder's
+per-batch code is a few vectorised numpy lines that run as Python, so its Loader is built with ffcv's
+compiler off and a warm process compiles nothing (the labels get a vectorised decoder for the same
+reason). The kernels reach C (the crop-aware JPEG decoder, ffcv's ``imdecode`` and ``resize``) by
+symbol name, because numba will not cache code that holds one process's ctypes pointers. Every numba function they call lives in this file: numba's
 cache notices edits to the kernel's own file only.
 
 JPEGs go through the crop-aware decoder (:mod:`fastssl.data.jpeg_crop`) by default: it decodes only
