@@ -16,9 +16,9 @@ from pathlib import Path
 import numba
 
 
-def _writable(path: Path) -> bool:
+def _writable(path: Path, mode: int = 0o777) -> bool:
     try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except OSError:
         return False
@@ -34,7 +34,7 @@ def cache_dir(in_tree: Path, tmp: str | None = None) -> Path | None:
         return in_tree
     own = Path(tmp or tempfile.gettempdir()) / f"fastssl-numba-{os.getuid()}"
     # numba loads pickled code from its cache: never from a folder someone else made
-    if _writable(own) and own.stat().st_uid == os.getuid():
+    if _writable(own, mode=0o700) and own.stat().st_uid == os.getuid():
         return own
     return None
 
