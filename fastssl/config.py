@@ -25,6 +25,9 @@ class DataConfig:
     num_workers: int = 8  # per process
     res: int = 224
     os_cache: bool = True  # share the page cache between processes (FFCV os_cache)
+    # decode only each crop's JPEG blocks, with the decoder built at install (fastssl/data/jpeg_crop.c);
+    # false: the full image, then the crop (about half the loader's throughput; needs no compiled decoder)
+    crop_decode: bool = True
 
 
 @dataclass

@@ -14,19 +14,18 @@ arguments; numba does not recompile for a new shape.
 Compiled once: ffcv has numba compile every operation's code when a Loader first runs (seconds; the
 figures are in the README's Performance section), paid by every process for every loader it builds (a
 linear probe builds two, the test suite hundreds). Here the per-batch work is in module-level kernels
-kept in numba's on-disk cache (``cache=True``: ``__pycache__`` beside this file, or
-``NUMBA_CACHE_DIR``); around them, the decoder's per-batch code is a few vectorised numpy lines that
-run as Python, so its Loader is built with ffcv's compiler off and a warm process compiles nothing
-(the labels get a vectorised decoder for the same reason). The kernels reach C (the crop-aware JPEG
-decoder, ffcv's ``imdecode`` and ``resize``) by symbol name, because numba will not cache code that
-holds one process's ctypes pointers. Every numba function they call lives in this file: numba's
+kept in numba's on-disk cache (where: :mod:`fastssl.data.kernel_cache`); around them, the decoder's
+per-batch code is a few vectorised numpy lines that run as Python, so its Loader is built with ffcv's
+compiler off and a warm process compiles nothing (the labels get a vectorised decoder for the same
+reason). The kernels reach C (the crop-aware JPEG decoder, ffcv's ``imdecode`` and ``resize``) by
+symbol name, because numba will not cache code that holds one process's ctypes pointers. Every numba function they call lives in this file: numba's
 cache notices edits to the kernel's own file only.
 
 JPEGs go through the crop-aware decoder (:mod:`fastssl.data.jpeg_crop`) by default: it decodes only
 the crop box, at the smallest DCT scale (1/1, 1/2, 1/4, 1/8) that keeps the crop at least at the
 output size, then area-resizes as the stock decoder does. The crop boxes are the same either way; at
 scale 1/1 the pixels are exactly the stock decoder's, scaled decodes differ by DCT-domain smoothing.
-``crop_decode=False`` (or no C compiler) decodes the full image at full scale and then crops, as ffcv
+``crop_decode=False`` decodes the full image at full scale and then crops, as ffcv
 does; the centre crop always does (ffcv's ``CenterCropRGBImageDecoder``, pixel for pixel).
 """
 from __future__ import annotations
@@ -46,6 +45,7 @@ from llvmlite import binding as llvm
 from numba import types
 
 from . import jpeg_crop
+from .kernel_cache import CACHE
 
 JPG = np.uint8(IMAGE_MODES["jpg"])
 
@@ -67,20 +67,20 @@ _TWO_M53 = 1.0 / 9007199254740992.0
 
 
 # No fastmath anywhere here: a crop box must not depend on how its caller was vectorised.
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _mix(z):
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _uniform(state):
     state = state + _GOLDEN
     return state, np.float64(_mix(state) >> _S11) * _TWO_M53
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def sample_crop_flip(seed, epoch, index, height, width, scale, ratio, flip_prob):
     """torchvision's RandomResizedCrop box (10 tries, then a centre crop clamped to ``ratio``) and a
     flip decision, drawn from the stream of (seed, epoch, index). Returns (i, j, h, w, flip)."""
@@ -113,14 +113,14 @@ def sample_crop_flip(seed, epoch, index, height, width, scale, ratio, flip_prob)
     return (height - h) // 2, (width - w) // 2, h, w, flip
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def center_crop(height, width, ratio):
     """ffcv's ``get_center_crop``: the centre square of ``ratio`` x the short side, (i, j, h, w)."""
     c = int(ratio * min(height, width))
     return (height - c) // 2, (width - c) // 2, c, c
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def dct_denom(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
     """The largest of 1, 2, 4, 8 that still decodes the crop at least at the output size."""
     d = 1
@@ -129,7 +129,7 @@ def dct_denom(crop_h: int, crop_w: int, out_h: int, out_w: int) -> int:
     return d
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=CACHE)
 def _flip_in_place(img):
     w = img.shape[1]
     for y in range(img.shape[0]):
@@ -140,7 +140,7 @@ def _flip_in_place(img):
                 img[y, w - 1 - x, c] = tmp
 
 
-@numba.njit(nogil=True, parallel=True, cache=True)
+@numba.njit(nogil=True, parallel=True, cache=CACHE)
 def decode_batch(indices, metadata, where, out, temp, epoch, seed, params, random, crop_decode) -> int:
     """Sample k (``indices[k]``, ``where[k]`` = its bytes' address and size) cropped, resized into
     ``out[k]``, in parallel over samples: a seeded RandomResizedCrop + flip if ``random`` (params =
@@ -200,7 +200,9 @@ class CachedKernelDecoder(ResizedCropRGBImageDecoder):
         super().__init__(output_size)
         self.random, self.params = random, params
         self.seed = int(seed) & 0xFFFFFFFFFFFFFFFF
-        self.crop_decode = bool(crop_decode) and jpeg_crop.AVAILABLE
+        if crop_decode:
+            jpeg_crop.require()  # never a silent fall-back to the full-image decode
+        self.crop_decode = bool(crop_decode)
         self.epoch = 0
 
     def declare_state_and_memory(self, previous_state):

@@ -17,8 +17,10 @@ import numba
 import numpy as np
 from ffcv.pipeline.operation import Operation
 
+from .kernel_cache import CACHE
 
-@numba.njit(nogil=True, parallel=True, cache=True)
+
+@numba.njit(nogil=True, parallel=True, cache=CACHE)
 def normalise(images, out, mean, inv_std):
     """uint8 (N, H, W, 3) -> float32 ``out`` = ``(x - mean) * inv_std``, parallel over images."""
     m0, m1, m2 = mean[0], mean[1], mean[2]

@@ -11,7 +11,7 @@ from typing import Callable, Iterator, TypeVar
 
 from fastssl import atomic
 from fastssl.config import RunConfig, load_config, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader
+from fastssl.data import jpeg_crop, make_eval_loader, make_pretrain_loader
 from fastssl.errors import ConfigError, NonFiniteLoss
 from fastssl.run import dist
 from fastssl.train.logger import RunLogger
@@ -50,8 +50,12 @@ def start(cfg: RunConfig, split_batch: bool = True,
           check: Callable[[dist.DistInfo], None] | None = None) -> dist.DistInfo:
     """Distributed init, then the checks that need it or the disk, before anything is built: the
     batch's split over the processes (`split_batch`: the run trains), the entry's own `check`, the
-    .beton files."""
+    .beton files. A run that trains names its JPEG decode first, and stops here if the crop-aware one
+    it asks for is not built."""
+    decode = jpeg_crop.describe(cfg.data.crop_decode) if split_batch else None
     info = dist.init(cfg.device)
+    if decode and info.is_main:
+        print(f"data: {decode}", flush=True)
     if split_batch:
         cfg.validate_world(info.world_size)
     if check is not None:
@@ -67,7 +71,7 @@ def train_loader(cfg: RunConfig, info: dist.DistInfo, **augment):
     return make_pretrain_loader(
         cfg.data.train, batch_size=cfg.micro_batch(info.world_size), res=cfg.data.res,
         num_workers=cfg.data.num_workers, seed=cfg.seed, distributed=info.distributed, device=info.device,
-        os_cache=cfg.data.os_cache, **augment,
+        os_cache=cfg.data.os_cache, crop_decode=cfg.data.crop_decode, **augment,
     )
 
 
