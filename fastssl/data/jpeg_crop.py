@@ -13,7 +13,7 @@ import ctypes
 
 from llvmlite import binding as llvm
 
-from fastssl.config import ConfigError
+from fastssl.errors import ConfigError
 
 SYMBOL = "fastssl_decode_crop_resize"
 _ARGS = [ctypes.c_void_p, ctypes.c_uint64, *[ctypes.c_uint32] * 5, ctypes.c_void_p, *[ctypes.c_uint32] * 3]
@@ -26,7 +26,7 @@ class DecoderUnavailable(ConfigError):
 def _load() -> tuple[ctypes.CDLL | None, str, str]:
     """(library, its path, '') or (None, '', why it could not be loaded)."""
     try:
-        from . import _jpeg_crop
+        import fastssl.data._jpeg_crop as _jpeg_crop
 
         lib = ctypes.CDLL(_jpeg_crop.__file__)
         getattr(lib, SYMBOL)
