@@ -10,10 +10,10 @@ import torch
 
 from fastssl import cli, dist, engine, flops, knn, optim, progressive, weights
 from fastssl.config import ConfigError, PretrainConfig, to_dict
-from fastssl.data import make_eval_loader, make_pretrain_loader
+from fastssl.data import make_pretrain_loader
 from fastssl.logger import RunLogger
 from fastssl.models import build_mae, scalenet
-from fastssl.visualize import save_reconstructions
+from fastssl.visualize import save_reconstructions, spread_val_images
 
 
 def run(cfg: PretrainConfig) -> engine.Progress:
@@ -56,11 +56,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
 
     hooks = []
     if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
-        # Eight val images spread over the (class-sorted) split: the same pictures every time.
-        val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
-                               device=info.device)
-        every = torch.cat([imgs for imgs, _ in val])
-        fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
+        fixed = spread_val_images(cfg.data.val, cfg.data.res, info.device)
 
         def recon(epoch: int, m) -> dict:
             if (epoch + 1) % cfg.log.recon_every_epochs:

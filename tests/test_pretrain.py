@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ import torch
 
 from fastssl import checkpoint, flops, linprobe, pretrain
 from fastssl.config import LinProbeConfig, PretrainConfig, load_config
+from fastssl.data.loaders import FFCVLoader, make_eval_loader
+from fastssl.data.subset import read_labels
 from fastssl.progressive import Stage
+from fastssl.visualize import spread_val_images
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "recipes/demo/pretrain_cpu.yaml"
@@ -31,15 +35,26 @@ def final_weights(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def pretrained(demo_betons, tmp_path_factory):
+    """The run, and how many samples of each .beton its loaders decoded."""
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     cfg = load_config(PretrainConfig, PRETRAIN, small(demo_betons, run_dir, "log.recon_every_epochs=3",
                                                       "log.every_steps=2", "log.peak_tflops=0.5"))
-    progress = pretrain.run(cfg)
-    return run_dir, progress
+    decoded = Counter()
+    normalised = FFCVLoader._normalised
+
+    def counting(self, batches):  # every batch the loader yields, ffcv decoded (and nothing else)
+        for imgs, labels in normalised(self, batches):
+            decoded[Path(self.loader.fname)] += len(labels)
+            yield imgs, labels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FFCVLoader, "_normalised", counting)
+        progress = pretrain.run(cfg)
+    return run_dir, progress, decoded
 
 
 def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
-    run_dir, progress = pretrained
+    run_dir, progress, _ = pretrained
     assert progress.epoch == 3 and progress.step > 0
     state = checkpoint.load_latest(run_dir)
     assert set(state) >= {"model", "optimizer", "scaler", "progress", "config"}
@@ -55,8 +70,21 @@ def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
     assert (w, h) == (3 * 32, 8 * 32)  # original | masked | reconstruction, 8 rows
 
 
+def test_reconstruction_hook_decodes_only_its_eight_val_images(pretrained, demo_betons):
+    _, _, decoded = pretrained
+    assert len(read_labels(demo_betons.val)) > 8  # else reading all of it would pass too
+    assert decoded[Path(demo_betons.val)] == 8
+
+
+def test_reconstruction_images_are_spread_over_the_val_split(demo_betons):
+    res, cpu = demo_betons.size, torch.device("cpu")
+    every = torch.cat([x for x, _ in make_eval_loader(demo_betons.val, batch_size=64, res=res, num_workers=1)])
+    fixed = spread_val_images(demo_betons.val, res=res, device=cpu)
+    torch.testing.assert_close(fixed, every[torch.linspace(0, len(every) - 1, 8).long()], atol=0, rtol=0)
+
+
 def test_log_lines_carry_throughput_loader_wait_and_mfu(pretrained):
-    run_dir, _ = pretrained
+    run_dir, _, _ = pretrained
     lines = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "train/loss" in r]
     per_image = flops.train_flops_per_image("micro", 8, Stage(res=32, mask_ratio=0.75))  # the recipe's model
     assert len(lines) == 6  # 3 epochs x 4 steps, a line every 2 steps
@@ -110,7 +138,7 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(demo_betons, tm
 
 
 def test_linear_probe_trains_head_only(pretrained, demo_betons, tmp_path):
-    run_dir, _ = pretrained
+    run_dir, _, _ = pretrained
     ckpt = checkpoint.list_checkpoints(run_dir)[-1]
     cfg = load_config(LinProbeConfig, LINPROBE, [
         f"init={ckpt}", f"run_dir={tmp_path / 'probe'}", f"data.train={demo_betons.train}",
