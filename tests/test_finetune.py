@@ -1,5 +1,6 @@
 """Fine-tuning: layer-decay groups, batch augmentation plumbing, a short run with EMA, best and resume."""
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -79,6 +80,54 @@ def test_rand_augment_ops_and_random_erasing():
     # one box per image: the erased pixels are exactly the product of their rows and columns
     assert erased.any(dim=(1, 2, 3)).all()
     assert torch.equal(erased.all(dim=1), rows[:, :, None] & cols[:, None, :])
+
+
+def reference_rand_augment(ra: BatchRandAugment, x: torch.Tensor) -> torch.Tensor:
+    """BatchRandAugment as first written: the choices drawn and the images of each op selected on
+    the batch's device (`nonzero`: a host sync per op and layer)."""
+    x = x.clone()
+    n = len(x)
+    for _ in range(ra.num_ops):
+        op = torch.randint(15, (n,))
+        apply = torch.rand(n) < ra.prob
+        level = (ra.magnitude + ra.mstd * torch.randn(n)).clamp(0, ra.mmax) / 10
+        sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+        for i, name in enumerate(("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize",
+                                  "solarizeadd", "color", "contrast", "brightness", "sharpness", "shearx",
+                                  "sheary", "translatex", "translatey")):
+            idx = ((op == i) & apply).nonzero().squeeze(1)
+            if idx.numel():
+                x[idx] = getattr(ra, "_" + name)(x[idx], level[idx], sign[idx])
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rand_augment_draws_the_same_choices_as_the_reference(seed):
+    ra, x = BatchRandAugment(), torch.rand(48, 3, 12, 12)  # 48 images: every op drawn in each layer
+    torch.manual_seed(seed)
+    expected = reference_rand_augment(ra, x)
+    torch.manual_seed(seed)
+    assert torch.equal(ra(x), expected)
+
+
+def test_batch_augment_never_waits_for_the_device(monkeypatch):
+    """Every way a tensor's value reaches the host is counted: none while a batch is augmented."""
+    calls = Counter()
+    for method in ("nonzero", "item", "__bool__", "tolist", "cpu"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            calls[_method] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    aug = BatchAugment(10, reprob=0.25, mixup=0.8, cutmix=1.0)  # MAE's fine-tuning augmentation
+    x, y = torch.randn(16, 3, 16, 16), torch.arange(16) % 10
+    for seed in range(4):  # mixup and cutmix both drawn
+        torch.manual_seed(seed)
+        aug(x, y)
+    monkeypatch.undo()
+    assert calls == Counter()
 
 
 def test_odd_batch_with_mixup_and_bad_rand_augment_are_config_errors():
