@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import typing
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,6 +25,8 @@ from fastssl import checkpoint, dist, stop
 from fastssl.config import ConfigError, load_config
 
 ENTRIES = ("pretrain", "finetune", "linprobe", "knn", "expand")
+# an ImageNet .beton (~70-340 GB) copied from a slow (~100 MB/s) shared file system, then re-hashed locally
+STAGING_TIMEOUT = timedelta(hours=2)
 
 
 def entry_module(entry: str) -> ModuleType:
@@ -89,6 +92,13 @@ class Job(submitit.helpers.Checkpointable):
         folder = os.path.expandvars(self.stage_dir)
         if "$" in folder:
             raise ConfigError(f"--stage-dir {self.stage_dir!r}: a variable in it is not set on this node")
+        # The process group first, then the copy, then a barrier (rather than an init timeout sized
+        # for staging): the ranks reach init together, as nothing slow comes before it, and the wait
+        # for the slowest node's copy (whose SHA-256 re-reads it all) is a barrier allowed
+        # STAGING_TIMEOUT, where a node late to init made the job fail as a real error, not requeue.
+        # A longer init timeout would also be every training collective's: a hang found hours late.
+        dist.init(cfg.device)
         cfg.data.train = str(stage(cfg.data.train, folder))
         if cfg.data.val:
             cfg.data.val = str(stage(cfg.data.val, folder))
+        dist.wait_for_all(STAGING_TIMEOUT)

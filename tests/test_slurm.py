@@ -231,3 +231,15 @@ def test_staging_copies_once_and_recopies_a_damaged_copy(demo_betons, tmp_path):
     with open(dest, "r+b") as f:
         f.truncate(10)
     assert stage(demo_betons.train, tmp_path).read_bytes() == demo_betons.train.read_bytes()
+
+
+def test_staging_happens_in_the_process_group_and_waits_for_the_slowest_node(demo_betons, tmp_path):
+    from tests import ddp_probe
+
+    r = ddp_probe.torchrun("tests.staging_probe", str(tmp_path), PRETRAIN, *small(demo_betons, tmp_path / "run"),
+                           port=29517, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["group_up"] == [True, True]  # train and val staged after init
+        assert report["other_staged"] == 2  # neither rank goes on before both nodes have their copies
