@@ -24,12 +24,15 @@ import submitit
 from fastssl import checkpoint, dist, stop
 from fastssl.config import ConfigError, load_config
 
-ENTRIES = ("pretrain", "finetune", "linprobe", "knn", "expand")
+ENTRIES = ("pretrain", "finetune", "linprobe", "knn")
 # an ImageNet .beton (~70-340 GB) copied from a slow (~100 MB/s) shared file system, then re-hashed locally
 STAGING_TIMEOUT = timedelta(hours=2)
 
 
 def entry_module(entry: str) -> ModuleType:
+    if entry == "expand":  # argparse, not a recipe; one process on the CPU
+        raise ConfigError("entry 'expand': not a Slurm job (a CPU step of seconds); run python -m fastssl.expand "
+                          "CKPT --depth L --out CKPT2 directly, then submit pretrain with init=CKPT2")
     if entry not in ENTRIES:
         raise ConfigError(f"entry {entry!r}: must be one of {', '.join(ENTRIES)}")
     try:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastssl import checkpoint
+from fastssl import checkpoint, launcher
+from fastssl.job import ENTRIES
 from fastssl.staging import stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,8 +193,23 @@ def test_dry_run_two_nodes_of_eight_gpus(tmp_path):
     assert script.rstrip().endswith("nothing submitted") and not (tmp_path / "jobs").exists()
 
 
+DRY_RUN_RECIPES = {"pretrain": "recipes/mae_vit_base_800ep.yaml", "finetune": "recipes/finetune_vit_base.yaml",
+                   "linprobe": "recipes/linprobe_vit_base.yaml", "knn": "recipes/demo/knn_cpu.yaml"}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_dry_run_of_every_entry(entry, tmp_path, capsys):
+    overrides = [] if entry == "pretrain" else ["init=random"]
+    launcher.main([entry, DRY_RUN_RECIPES[entry], "--job-dir", str(tmp_path / "jobs"), "--dry-run", *overrides])
+    out = capsys.readouterr().out
+    assert f"# ---- job 1: {entry} {DRY_RUN_RECIPES[entry]} " in out and "submitit.core._submit" in out
+    assert "# resolved config of " in out and out.rstrip().endswith("nothing submitted")
+    assert not (tmp_path / "jobs").exists()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["knn2", PRETRAIN], "entry 'knn2': must be one of pretrain, finetune, linprobe, knn, expand"),
+    (["knn2", PRETRAIN], "entry 'knn2': must be one of pretrain, finetune, linprobe, knn"),
+    (["expand", PRETRAIN], "entry 'expand': not a Slurm job (a CPU step of seconds); run python -m fastssl.expand"),
     (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml': no such file"),
     (["pretrain", PRETRAIN, "--time", "soon"], "--time 'soon': expected minutes"),
     (["pretrain", PRETRAIN, "--gpus-per-node", 0, "--tasks-per-node", 3], "batch_size=128: must be divisible"),
