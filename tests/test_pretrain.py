@@ -42,8 +42,8 @@ def pretrained(demo_betons, tmp_path_factory):
     decoded = Counter()
     normalised = FFCVLoader._normalised
 
-    def counting(self, batches):  # every batch the loader yields, ffcv decoded (and nothing else)
-        for imgs, labels in normalised(self, batches):
+    def counting(self, batches, *args):  # every batch the loader yields, ffcv decoded (and nothing else)
+        for imgs, labels in normalised(self, batches, *args):
             decoded[Path(self.loader.fname)] += len(labels)
             yield imgs, labels
 
