@@ -136,6 +136,7 @@ def run(cfg: LinProbeConfig) -> dict:
     train = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+        scale=tuple(cfg.crop_scale),
     )
     val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,
                            num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)

@@ -40,7 +40,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     if cfg.scalenet.freeze_shared:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
-                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
+                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
     stages = progressive.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     per_process_batch = cfg.micro_batch(info.world_size)
     loader = make_pretrain_loader(

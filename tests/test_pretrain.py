@@ -165,3 +165,27 @@ def test_demo_end_to_end(tmp_path):
     assert "pretrained MAE encoder" in r.stdout and "random encoder" in r.stdout
     assert (tmp_path / "data" / "train.beton").exists() and (tmp_path / "data" / "val.beton").exists()
     assert list((tmp_path / "runs" / "pretrain" / "wandb").glob("offline-run-*"))
+
+
+class Built(Exception):
+    """Stops a run once the part a test looks at is built."""
+
+
+def test_paper_recipe_decays_the_tokens_as_mae_pretraining(demo_betons, tmp_path, monkeypatch):
+    decayed = set()
+
+    def adamw(model, *args, **kwargs):
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = real_adamw(model, *args, **kwargs).param_groups
+        decayed.update(names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"])
+        raise Built
+
+    real_adamw = pretrain.optim.adamw
+    monkeypatch.setattr(pretrain.optim, "adamw", adamw)
+    cfg = load_config(PretrainConfig, ROOT / "recipes/mae_vit_base_800ep.yaml",
+                      [*small(demo_betons, tmp_path / "run"), "model.size=micro", "model.patch_size=8",
+                       "device=cpu", "compile=false"])
+    with pytest.raises(Built):
+        pretrain.run(cfg)
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight"} <= decayed
+    assert "norm.weight" not in decayed
