@@ -315,6 +315,9 @@ class FinetuneConfig(EvalConfig):
         blr=5e-4, min_lr=1e-6, betas=(0.9, 0.999), warmup_epochs=5.0))
     layer_decay: float = 0.75  # lr scale per block from the head down (MAE: 0.65 B, 0.75 L/H)
     global_pool: Literal["token", "avg"] = "avg"  # MAE fine-tunes on the average-pooled tokens
+    # at a resolution other than the checkpoint's: "sincos" regenerates an MAE's sin-cos table for
+    # the new grid; "bicubic" resizes the stored table, as MAE's interpolate_pos_embed (its 448 px runs)
+    pos_embed_resize: Literal["sincos", "bicubic"] = "sincos"
     ema: bool = False
     ema_decay: float = 0.9999
     augment: AugmentConfig = field(default_factory=AugmentConfig)

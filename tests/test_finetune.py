@@ -162,3 +162,20 @@ def test_finetune_reports_each_epoch_keeps_best_and_ema_and_resumes(demo_betons,
     vit = weights.build_vit(str(run_dir / "best.pt"), size="micro", patch_size=8, num_classes=10,
                             global_pool="avg", img_size=32)  # a fine-tuned checkpoint is a valid init
     assert torch.equal(vit.fc_norm.weight, saved["model"]["fc_norm.weight"])
+
+
+@pytest.mark.parametrize("recipe, resize", [("finetune_vit_base.yaml", "sincos"), ("finetune_vit_huge.yaml", "bicubic")])
+def test_recipes_citing_maes_448_px_result_resize_the_position_table_as_mae(recipe, resize, tmp_path, capsys):
+    from fastssl.models.pos_embed import sincos_pos_embed_2d
+
+    torch.manual_seed(0)
+    init = tmp_path / "mae.pth"
+    torch.save({"model": build_mae("micro", patch_size=8, img_size=32).state_dict()}, init)  # 4x4 grid
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / recipe, [
+        f"init={init}", "model.size=micro", "model.patch_size=8", "data.res=48", "data.train=x", "data.val=x"])
+    assert cfg.pos_embed_resize == resize
+    table = finetune.build_model(cfg, n_classes=10).pos_embed.data  # 6x6
+    regenerated = sincos_pos_embed_2d(64, 6, 6).float()
+    assert torch.allclose(table, regenerated, atol=1e-5) == (resize == "sincos")
+    said = capsys.readouterr().err
+    assert ("MAE's interpolate_pos_embed" in said) == (resize == "bicubic") and "17 -> 37 tokens" in said
