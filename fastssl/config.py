@@ -222,6 +222,9 @@ class ScaleNetConfig:
 @dataclass
 class PretrainConfig(RunConfig):
     mask_ratio: float = 0.75
+    # weight decay on cls_token and mask_token, as MAE's pretraining; false: none, as timm (and
+    # runs started before this option: their optimizer state has the tokens in the no-decay group)
+    decay_tokens: bool = True
     init: str = ""  # start from these weights (a fresh run only; resume always wins)
     init_unsafe: bool = False  # allow arbitrary unpickling of `init` (only for files you trust)
     knn: KNNConfig = field(default_factory=KNNConfig)
@@ -267,6 +270,7 @@ class EvalConfig(RunConfig):
 @dataclass
 class LinProbeConfig(EvalConfig):
     global_pool: Literal["token", "avg"] = "token"  # MAE probes the cls token
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop area range: MAE's main_linprobe.py
     # 0: encode every batch live (the MAE protocol). K > 0: encode K augmented (RRC + flip) views of
     # the train set once, then train the head on the cached features, epoch e on view e mod K.
     cache_views: int = 0
@@ -278,6 +282,8 @@ class LinProbeConfig(EvalConfig):
     def validate(self) -> None:
         super().validate()
         _check(self.cache_views >= 0, "cache_views", self.cache_views, "must be >= 0")
+        _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", list(self.crop_scale),
+               "must be [lo, hi] with 0 < lo <= hi <= 1")
         _check(bool(self.lr_scales) and all(s > 0 for s in self.lr_scales), "lr_scales", self.lr_scales,
                "must be a non-empty list of numbers > 0")
 
@@ -313,6 +319,9 @@ class FinetuneConfig(EvalConfig):
         blr=5e-4, min_lr=1e-6, betas=(0.9, 0.999), warmup_epochs=5.0))
     layer_decay: float = 0.75  # lr scale per block from the head down (MAE: 0.65 B, 0.75 L/H)
     global_pool: Literal["token", "avg"] = "avg"  # MAE fine-tunes on the average-pooled tokens
+    # at a resolution other than the checkpoint's: "sincos" regenerates an MAE's sin-cos table for
+    # the new grid; "bicubic" resizes the stored table, as MAE's interpolate_pos_embed (its 448 px runs)
+    pos_embed_resize: Literal["sincos", "bicubic"] = "sincos"
     ema: bool = False
     ema_decay: float = 0.9999
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -221,15 +221,18 @@ def test_keep_last_prunes_oldest_and_leaves_no_temp_files(tmp_path):
         ["ckpt_000000003.pt", "ckpt_000000004.pt"]
 
 
-def test_no_decay_on_norms_biases_and_tokens():
+@pytest.mark.parametrize("decay_tokens", [False, True])
+def test_no_decay_on_norms_biases_and_tokens_unless_asked(decay_tokens):
     from fastssl.models import build_mae
 
     model = build_mae("micro")
     names = {id(p): n for n, p in model.named_parameters()}
-    decay, no_decay = optim.param_groups(model, weight_decay=0.05)
+    decay, no_decay = optim.param_groups(model, weight_decay=0.05, decay_tokens=decay_tokens)
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
-    assert {"cls_token", "mask_token", "norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    tokens = {"cls_token", "mask_token"}
+    assert {"norm.weight", "blocks.0.attn.qkv.bias"} <= no_decay_names
+    assert tokens <= ({names[id(p)] for p in decay["params"]} if decay_tokens else no_decay_names)
     assert "pos_embed" not in no_decay_names  # fixed sin-cos: not trained at all
     assert all(names[id(p)].endswith("weight") and p.ndim == 2 for p in decay["params"]
-               if not names[id(p)].startswith("patch_embed"))
+               if not names[id(p)].startswith("patch_embed") and names[id(p)] not in tokens)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0

@@ -1,5 +1,6 @@
 """Fine-tuning: layer-decay groups, batch augmentation plumbing, a short run with EMA, best and resume."""
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -83,6 +84,54 @@ def test_rand_augment_ops_and_random_erasing():
     assert torch.equal(erased.all(dim=1), rows[:, :, None] & cols[:, None, :])
 
 
+def reference_rand_augment(ra: BatchRandAugment, x: torch.Tensor) -> torch.Tensor:
+    """BatchRandAugment as first written: the choices drawn and the images of each op selected on
+    the batch's device (`nonzero`: a host sync per op and layer)."""
+    x = x.clone()
+    n = len(x)
+    for _ in range(ra.num_ops):
+        op = torch.randint(15, (n,))
+        apply = torch.rand(n) < ra.prob
+        level = (ra.magnitude + ra.mstd * torch.randn(n)).clamp(0, ra.mmax) / 10
+        sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+        for i, name in enumerate(("autocontrast", "equalize", "invert", "rotate", "posterize", "solarize",
+                                  "solarizeadd", "color", "contrast", "brightness", "sharpness", "shearx",
+                                  "sheary", "translatex", "translatey")):
+            idx = ((op == i) & apply).nonzero().squeeze(1)
+            if idx.numel():
+                x[idx] = getattr(ra, "_" + name)(x[idx], level[idx], sign[idx])
+    return x
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rand_augment_draws_the_same_choices_as_the_reference(seed):
+    ra, x = BatchRandAugment(), torch.rand(48, 3, 12, 12)  # 48 images: every op drawn in each layer
+    torch.manual_seed(seed)
+    expected = reference_rand_augment(ra, x)
+    torch.manual_seed(seed)
+    assert torch.equal(ra(x), expected)
+
+
+def test_batch_augment_never_waits_for_the_device(monkeypatch):
+    """Every way a tensor's value reaches the host is counted: none while a batch is augmented."""
+    calls = Counter()
+    for method in ("nonzero", "item", "__bool__", "tolist", "cpu"):
+        original = getattr(torch.Tensor, method)
+
+        def counted(self, *args, _original=original, _method=method, **kwargs):
+            calls[_method] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, counted)
+    aug = BatchAugment(10, reprob=0.25, mixup=0.8, cutmix=1.0)  # MAE's fine-tuning augmentation
+    x, y = torch.randn(16, 3, 16, 16), torch.arange(16) % 10
+    for seed in range(4):  # mixup and cutmix both drawn
+        torch.manual_seed(seed)
+        aug(x, y)
+    monkeypatch.undo()
+    assert calls == Counter()
+
+
 def test_odd_batch_with_mixup_and_bad_rand_augment_are_config_errors():
     cfg = load_config(FinetuneConfig, FINETUNE, ["init=random", "batch_size=33"])
     with pytest.raises(ConfigError, match="must be even"):
@@ -115,3 +164,20 @@ def test_finetune_reports_each_epoch_keeps_best_and_ema_and_resumes(demo_betons,
     vit = weights.build_vit(str(run_dir / "best.pt"), size="micro", patch_size=8, num_classes=10,
                             global_pool="avg", img_size=32)  # a fine-tuned checkpoint is a valid init
     assert torch.equal(vit.fc_norm.weight, saved["model"]["fc_norm.weight"])
+
+
+@pytest.mark.parametrize("recipe, resize", [("finetune_vit_base.yaml", "sincos"), ("finetune_vit_huge.yaml", "bicubic")])
+def test_recipes_citing_maes_448_px_result_resize_the_position_table_as_mae(recipe, resize, tmp_path, capsys):
+    from fastssl.models.pos_embed import sincos_pos_embed_2d
+
+    torch.manual_seed(0)
+    init = tmp_path / "mae.pth"
+    torch.save({"model": build_mae("micro", patch_size=8, img_size=32).state_dict()}, init)  # 4x4 grid
+    cfg = load_config(FinetuneConfig, ROOT / "recipes" / recipe, [
+        f"init={init}", "model.size=micro", "model.patch_size=8", "data.res=48", "data.train=x", "data.val=x"])
+    assert cfg.pos_embed_resize == resize
+    table = finetune.build_model(cfg, n_classes=10).pos_embed.data  # 6x6
+    regenerated = sincos_pos_embed_2d(64, 6, 6).float()
+    assert torch.allclose(table, regenerated, atol=1e-5) == (resize == "sincos")
+    said = capsys.readouterr().err
+    assert ("MAE's interpolate_pos_embed" in said) == (resize == "bicubic") and "17 -> 37 tokens" in said

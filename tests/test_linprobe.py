@@ -1,6 +1,7 @@
 """Linear probe: frozen encoder, head shape, cached features equal live ones, the cached path and the sweep."""
 import json
 
+import pytest
 import torch
 
 from fastssl.config import LinProbeConfig, load_config
@@ -80,3 +81,22 @@ def test_lr_sweep_trains_one_head_per_scale_and_reports_the_best(demo_betons, tm
     assert json.loads((tmp_path / "sweep" / "results.json").read_text())["sweep"] == sweep
     head = checkpoint.load_latest(tmp_path / "sweep")["model"]
     assert not torch.allclose(head["fc.0.weight"], head["fc.2.weight"])
+
+
+def test_probe_recipes_crop_as_mae_linprobe(demo_betons, tmp_path, monkeypatch):
+    from tests.test_pretrain import ROOT, Built
+
+    def loader(*args, **kwargs):
+        seen.update(kwargs)
+        raise Built
+
+    seen = {}
+    monkeypatch.setattr(linprobe, "make_pretrain_loader", loader)
+    for size in ("base", "large", "huge"):
+        cfg = load_config(LinProbeConfig, ROOT / f"recipes/linprobe_vit_{size}.yaml",
+                          [f"run_dir={tmp_path}", f"data.train={demo_betons.train}", f"data.val={demo_betons.val}",
+                           "init=random", "model.size=micro", "model.patch_size=8", "data.res=32", "device=cpu",
+                           "batch_size=32"])
+        with pytest.raises(Built):
+            linprobe.run(cfg)
+        assert seen.pop("scale") == (0.08, 1.0), size

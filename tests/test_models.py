@@ -233,6 +233,20 @@ def test_load_encoder_regenerates_sincos_exactly_but_resamples_learned(mae):
     assert not torch.allclose(vit.pos_embed.data, sincos_pos_embed_2d(64, 6, 6).float(), atol=1e-3)
 
 
+def test_load_encoder_bicubic_is_maes_interpolate_pos_embed(mae):
+    vit = build_vit_encoder("micro", img_size=96)  # 4x4 -> 6x6
+    how = load_encoder(vit, mae.state_dict(), resize="bicubic")
+    # facebookresearch/mae util/pos_embed.py interpolate_pos_embed, for one extra token
+    old = mae.state_dict()["pos_embed"]
+    tokens = old[:, 1:].reshape(-1, 4, 4, 64).permute(0, 3, 1, 2)
+    tokens = torch.nn.functional.interpolate(tokens, size=(6, 6), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(vit.pos_embed.data, torch.cat((old[:, :1], tokens.permute(0, 2, 3, 1).flatten(1, 2)), 1),
+                               atol=0, rtol=0)
+    assert not torch.allclose(vit.pos_embed.data, sincos_pos_embed_2d(64, 6, 6).float(), atol=1e-3)
+    assert "MAE's interpolate_pos_embed" in how and "17 -> 37 tokens" in how
+    assert load_encoder(build_vit_encoder("micro", img_size=64), mae.state_dict(), resize="bicubic") is None
+
+
 def test_layer_plan_runs_given_blocks(mae):
     x, noise = imgs(), torch.rand(2, 16)
     mae.layer_plan = [0, 0]

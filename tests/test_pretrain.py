@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from fastssl.config import LinProbeConfig, PretrainConfig, load_config
 from fastssl.eval import linprobe
 from fastssl.train import checkpoint, flops, pretrain
 from fastssl.train.progressive import Stage
+from fastssl.data.loaders import FFCVLoader, make_eval_loader
+from fastssl.data.subset import read_labels
+from fastssl.train.visualize import spread_val_images
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = ROOT / "recipes/demo/pretrain_cpu.yaml"
@@ -32,15 +36,26 @@ def final_weights(run_dir) -> dict:
 
 @pytest.fixture(scope="module")
 def pretrained(demo_betons, tmp_path_factory):
+    """The run, and how many samples of each .beton its loaders decoded."""
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     cfg = load_config(PretrainConfig, PRETRAIN, small(demo_betons, run_dir, "log.recon_every_epochs=3",
                                                       "log.every_steps=2", "log.peak_tflops=0.5"))
-    progress = pretrain.run(cfg)
-    return run_dir, progress
+    decoded = Counter()
+    normalised = FFCVLoader._normalised
+
+    def counting(self, batches, *args):  # every batch the loader yields, ffcv decoded (and nothing else)
+        for imgs, labels in normalised(self, batches, *args):
+            decoded[Path(self.loader.fname)] += len(labels)
+            yield imgs, labels
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FFCVLoader, "_normalised", counting)
+        progress = pretrain.run(cfg)
+    return run_dir, progress, decoded
 
 
 def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
-    run_dir, progress = pretrained
+    run_dir, progress, _ = pretrained
     assert progress.epoch == 3 and progress.step > 0
     state = checkpoint.load_latest(run_dir)
     assert set(state) >= {"model", "optimizer", "scaler", "progress", "config"}
@@ -56,8 +71,21 @@ def test_pretrain_writes_checkpoint_config_log_and_reconstructions(pretrained):
     assert (w, h) == (3 * 32, 8 * 32)  # original | masked | reconstruction, 8 rows
 
 
+def test_reconstruction_hook_decodes_only_its_eight_val_images(pretrained, demo_betons):
+    _, _, decoded = pretrained
+    assert len(read_labels(demo_betons.val)) > 8  # else reading all of it would pass too
+    assert decoded[Path(demo_betons.val)] == 8
+
+
+def test_reconstruction_images_are_spread_over_the_val_split(demo_betons):
+    res, cpu = demo_betons.size, torch.device("cpu")
+    every = torch.cat([x for x, _ in make_eval_loader(demo_betons.val, batch_size=64, res=res, num_workers=1)])
+    fixed = spread_val_images(demo_betons.val, res=res, device=cpu)
+    torch.testing.assert_close(fixed, every[torch.linspace(0, len(every) - 1, 8).long()], atol=0, rtol=0)
+
+
 def test_log_lines_carry_throughput_loader_wait_and_mfu(pretrained):
-    run_dir, _ = pretrained
+    run_dir, _, _ = pretrained
     lines = [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if "train/loss" in r]
     per_image = flops.train_flops_per_image("micro", 8, Stage(res=32, mask_ratio=0.75))  # the recipe's model
     assert len(lines) == 6  # 3 epochs x 4 steps, a line every 2 steps
@@ -111,7 +139,7 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(demo_betons, tm
 
 
 def test_linear_probe_trains_head_only(pretrained, demo_betons, tmp_path):
-    run_dir, _ = pretrained
+    run_dir, _, _ = pretrained
     ckpt = checkpoint.list_checkpoints(run_dir)[-1]
     cfg = load_config(LinProbeConfig, LINPROBE, [
         f"init={ckpt}", f"run_dir={tmp_path / 'probe'}", f"data.train={demo_betons.train}",
@@ -138,3 +166,27 @@ def test_demo_end_to_end(tmp_path):
     assert "pretrained MAE encoder" in r.stdout and "random encoder" in r.stdout
     assert (tmp_path / "data" / "train.beton").exists() and (tmp_path / "data" / "val.beton").exists()
     assert list((tmp_path / "runs" / "pretrain" / "wandb").glob("offline-run-*"))
+
+
+class Built(Exception):
+    """Stops a run once the part a test looks at is built."""
+
+
+def test_paper_recipe_decays_the_tokens_as_mae_pretraining(demo_betons, tmp_path, monkeypatch):
+    decayed = set()
+
+    def adamw(model, *args, **kwargs):
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = real_adamw(model, *args, **kwargs).param_groups
+        decayed.update(names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"])
+        raise Built
+
+    real_adamw = pretrain.optim.adamw
+    monkeypatch.setattr(pretrain.optim, "adamw", adamw)
+    cfg = load_config(PretrainConfig, ROOT / "recipes/mae_vit_base_800ep.yaml",
+                      [*small(demo_betons, tmp_path / "run"), "model.size=micro", "model.patch_size=8",
+                       "device=cpu", "compile=false"])
+    with pytest.raises(Built):
+        pretrain.run(cfg)
+    assert {"cls_token", "mask_token", "blocks.0.attn.qkv.weight"} <= decayed
+    assert "norm.weight" not in decayed

@@ -256,7 +256,14 @@ def test_fast_recipe_meets_its_flops_goal(capsys):
         assert lo <= ratio <= hi, (name, ratio)
     flops.main([str(RECIPES / "mae_vit_base_800ep_fast.yaml")])
     out = capsys.readouterr().out
-    assert "ratio 0.380x" in out and " 128  0.500      32     1" in out
+    assert "ratio 0.381x" in out and " 128  0.500      32     1" in out
+
+
+def test_fast_recipe_keeps_the_visible_tokens_its_header_states():
+    cfg = cfg_of(recipe=RECIPES / "mae_vit_base_800ep_fast.yaml")
+    stages = [st for _, _, st in progressive.from_config(cfg, depth=12).segments(cfg.epochs)]
+    # "~32 visible tokens at 128 px and DailyMAE's 49 from 160 px on"
+    assert {st.res: len_keep((st.res // 16) ** 2, st.mask_ratio) for st in stages} == {128: 32, 160: 49, 192: 49, 224: 49}
 
 
 def test_compiled_mae_recompiles_per_new_stage_not_per_step():

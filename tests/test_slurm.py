@@ -16,6 +16,8 @@ import torch
 
 from fastssl.run.copy_to_node import copy_to_node
 from fastssl.train import checkpoint
+from fastssl.run import launcher
+from fastssl.run.job import ENTRIES
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = "recipes/demo/pretrain_cpu.yaml"
@@ -192,8 +194,23 @@ def test_dry_run_two_nodes_of_eight_gpus(tmp_path):
     assert script.rstrip().endswith("nothing submitted") and not (tmp_path / "jobs").exists()
 
 
+DRY_RUN_RECIPES = {"pretrain": "recipes/mae_vit_base_800ep.yaml", "finetune": "recipes/finetune_vit_base.yaml",
+                   "linprobe": "recipes/linprobe_vit_base.yaml", "knn": "recipes/demo/knn_cpu.yaml"}
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_dry_run_of_every_entry(entry, tmp_path, capsys):
+    overrides = [] if entry == "pretrain" else ["init=random"]
+    launcher.main([entry, DRY_RUN_RECIPES[entry], "--job-dir", str(tmp_path / "jobs"), "--dry-run", *overrides])
+    out = capsys.readouterr().out
+    assert f"# ---- job 1: {entry} {DRY_RUN_RECIPES[entry]} " in out and "submitit.core._submit" in out
+    assert "# resolved config of " in out and out.rstrip().endswith("nothing submitted")
+    assert not (tmp_path / "jobs").exists()
+
+
 @pytest.mark.parametrize("args, message", [
-    (["knn2", PRETRAIN], "entry 'knn2': must be one of pretrain, finetune, linprobe, knn, expand"),
+    (["knn2", PRETRAIN], "entry 'knn2': must be one of pretrain, finetune, linprobe, knn"),
+    (["expand", PRETRAIN], "entry 'expand': not a Slurm job (a CPU step of seconds); run python -m fastssl.expand"),
     (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml': no such file"),
     (["pretrain", PRETRAIN, "--time", "soon"], "--time 'soon': expected minutes"),
     (["pretrain", PRETRAIN, "--gpus-per-node", 0, "--tasks-per-node", 3], "batch_size=128: must be divisible"),
@@ -231,3 +248,15 @@ def test_staging_copies_once_and_recopies_a_damaged_copy(demo_betons, tmp_path):
     with open(dest, "r+b") as f:
         f.truncate(10)
     assert copy_to_node(demo_betons.train, tmp_path).read_bytes() == demo_betons.train.read_bytes()
+
+
+def test_staging_happens_in_the_process_group_and_waits_for_the_slowest_node(demo_betons, tmp_path):
+    from tests import ddp_probe
+
+    r = ddp_probe.torchrun("tests.staging_probe", str(tmp_path), PRETRAIN, *small(demo_betons, tmp_path / "run"),
+                           port=29517, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["group_up"] == [True, True]  # train and val staged after init
+        assert report["other_staged"] == 2  # neither rank goes on before both nodes have their copies

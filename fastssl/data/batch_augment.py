@@ -7,7 +7,8 @@ works on PIL images one at a time; `BatchRandAugment` draws the same per-image c
 and applies each op to the images that drew it, with the same magnitude-to-argument rules. Pixels
 are floats in [0, 1] rather than PIL's uint8 (posterize, solarize and equalize quantise first).
 
-All randomness comes from torch's generator, which the engine reseeds per micro-batch; timm's Mixup
+All randomness comes from torch's generators, which the engine reseeds per micro-batch (RandAugment's
+per-image choices from the CPU one, so that no choice waits on the device); timm's Mixup
 draws from numpy, so `BatchAugment` seeds numpy from torch first: a resumed run sees the same
 augmentations.
 """
@@ -76,20 +77,31 @@ class BatchRandAugment:
         self.fill = torch.tensor(fill).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) floats in [0, 1] -> augmented, same shape; a new tensor."""
+        """(N, 3, H, W) floats in [0, 1] -> augmented, same shape; a new tensor.
+
+        The per-image choices are drawn on the CPU and the index lists built there (numpy), then sent
+        over in one non-blocking copy per layer: selecting the images of each op on the device
+        (`nonzero`) would make the host wait for the GPU ~30 times per batch."""
         x = x.clone()
         n, dev = len(x), x.device
         for _ in range(self.num_ops):
-            op = torch.randint(len(_OPS), (n,), device=dev)
-            apply = torch.rand(n, device=dev) < self.prob
-            mag = self.magnitude + self.mstd * torch.randn(n, device=dev) if self.mstd > 0 else \
-                torch.full((n,), self.magnitude, device=dev)
+            op = torch.randint(len(_OPS), (n,))
+            apply = torch.rand(n) < self.prob
+            mag = self.magnitude + self.mstd * torch.randn(n) if self.mstd > 0 else \
+                torch.full((n,), self.magnitude)
             level = mag.clamp(0, self.mmax) / 10  # timm's _LEVEL_DENOM
-            sign = torch.where(torch.rand(n, device=dev) < 0.5, -1.0, 1.0)
-            for i, name in enumerate(_OPS):
-                idx = ((op == i) & apply).nonzero().squeeze(1)
-                if idx.numel():
-                    x[idx] = getattr(self, "_" + name.lower())(x[idx], level[idx], sign[idx])
+            sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0)
+            chosen = op.numpy()[apply.numpy()]
+            images = np.flatnonzero(apply.numpy())[np.argsort(chosen, kind="stable")]  # grouped by op
+            counts = np.bincount(chosen, minlength=len(_OPS)).tolist()
+            idx = torch.from_numpy(images).to(dev, non_blocking=True)
+            args = torch.stack([level[images], sign[images]]).to(dev, non_blocking=True)
+            start = 0
+            for name, count in zip(_OPS, counts):
+                if count:
+                    i, (lv, sg) = idx[start:start + count], args[:, start:start + count]
+                    x.index_copy_(0, i, getattr(self, "_" + name.lower())(x[i], lv, sg))
+                start += count
         return x
 
     # --- ops: (images, level in [0, 1], random sign) -> images; arguments as timm's *_level_to_arg --

@@ -41,6 +41,8 @@ class FFCVLoader:
         self.dtype = dtype
         self.epoch = 0
         self.start_batch = 0
+        # when set: this process's real samples; the rest of its shard is ffcv's distributed padding
+        self.shard_samples: int | None = None
         # float32 arithmetic whatever the output dtype: bf16 cannot hold 255 * mean exactly.
         self._mean = torch.tensor(IMAGENET_MEAN, device=device).mul(255).view(1, 3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD, device=device).mul(255).view(1, 3, 1, 1)
@@ -85,11 +87,19 @@ class FFCVLoader:
         Compiler.set_num_threads(ld.num_workers)
         order = ld.traversal_order.sample_order(epoch)[: len(ld) * ld.batch_size]
         ld.next_epoch = epoch + 1
-        return self._normalised(_epoch_iterator()(ld, order[start * ld.batch_size:]))
+        keep = None if self.shard_samples is None else self.shard_samples - start * ld.batch_size
+        return self._normalised(_epoch_iterator()(ld, order[start * ld.batch_size:]), keep)
 
-    def _normalised(self, batches) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _normalised(self, batches, keep: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Normalised batches, of which the first `keep` samples (all when None)."""
         try:
             for images, labels in batches:
+                if keep is not None:
+                    kept = max(0, min(len(labels), keep))
+                    keep -= len(labels)
+                    if not kept:
+                        continue  # a batch of padding only: decoded, not yielded
+                    images, labels = images[:kept], labels[:kept]
                 if images.dtype == torch.uint8:  # on the GPU: normalise there
                     x = images.float().sub_(self._mean).div_(self._std).to(self.dtype)
                 else:  # normalised by the CPU pipeline into a fresh array
@@ -208,12 +218,18 @@ def make_eval_loader(path: str | os.PathLike, batch_size: int, res: int = 224, c
                      os_cache: bool = True, dtype: torch.dtype = torch.float32,
                      batches_ahead: int = 3, indices: Sequence[int] | None = None) -> FFCVLoader:
     """Sequential, every sample once (no drop_last): centre crop of ``crop_ratio`` x the short side,
-    resized to ``res``. With ``distributed``, ffcv pads the last shard by repeating samples (as
-    DistributedSampler does), so exact metrics need de-duplication or a single process. ``indices``:
-    only these samples (e.g. :func:`fastssl.data.subset.per_class`)."""
+    resized to ``res``. With ``distributed``, ffcv pads the shards to equal length by repeating
+    samples (as DistributedSampler does); each process yields its shard without that padding, so
+    summed over processes every sample counts once (shards then differ by up to one sample: no
+    per-batch collectives over an eval loader). ``indices``: only these samples (e.g.
+    :func:`fastssl.data.subset.per_class`)."""
     from .decoders import CenterCrop
 
     decoder = CenterCrop((res, res), ratio=crop_ratio)
-    return _build(path, batch_size, decoder, order_random=False, num_workers=num_workers, seed=0,
-                  distributed=distributed, device=device, drop_last=False, os_cache=os_cache,
-                  dtype=dtype, batches_ahead=batches_ahead, indices=indices)
+    loader = _build(path, batch_size, decoder, order_random=False, num_workers=num_workers, seed=0,
+                    distributed=distributed, device=device, drop_last=False, os_cache=os_cache,
+                    dtype=dtype, batches_ahead=batches_ahead, indices=indices)
+    if distributed:  # the sampler gives rank r positions r, r + W, ...; those past the end are padding
+        n, world = len(loader.loader.indices), torch.distributed.get_world_size()
+        loader.shard_samples = len(range(torch.distributed.get_rank(), n, world))
+    return loader

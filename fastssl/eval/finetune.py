@@ -52,7 +52,8 @@ def build_model(cfg: FinetuneConfig, n_classes: int) -> nn.Module:
     torch.manual_seed(cfg.seed)  # identical head on every rank
     vit = weights.build_vit(cfg.init, size=cfg.model.size, patch_size=cfg.model.patch_size,
                             unsafe=cfg.init_unsafe, num_classes=n_classes, global_pool=cfg.global_pool,
-                            drop_path=cfg.model.drop_path, img_size=cfg.data.res)
+                            drop_path=cfg.model.drop_path, img_size=cfg.data.res,
+                            pos_embed_resize=cfg.pos_embed_resize)
     nn.init.trunc_normal_(vit.head.weight, std=2e-5)  # MAE: the fresh head starts near zero
     nn.init.zeros_(vit.head.bias)
     return vit

@@ -28,7 +28,7 @@ def encode(model: nn.Module, imgs: torch.Tensor) -> torch.Tensor:
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate every process's rows (shards may differ in length by the loader's padding)."""
+    """Concatenate every process's rows (eval loaders' shards differ by up to one sample)."""
     if not torch.distributed.is_initialized():
         return t
     sizes = [torch.zeros((), dtype=torch.long, device=t.device) for _ in range(torch.distributed.get_world_size())]

@@ -6,6 +6,7 @@ The contract: an MAE state dict minus its decoder is a timm ViT state dict, key 
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -51,22 +52,34 @@ def encoder_state_dict(mae_state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return {k: v for k, v in mae_state_dict.items() if not k.startswith(_MAE_ONLY)}
 
 
-def _fit_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer) -> torch.Tensor:
-    """An MAE's fixed sin-cos table is regenerated exactly for the new grid (it is what the encoder
-    saw in pretraining at that grid); a learned table is resampled bicubically."""
-    n, dim = pos_embed.shape[1] - 1, pos_embed.shape[2]
+def _fit_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer, resize: str) -> tuple[torch.Tensor, str]:
+    """The table for `vit`'s grid, and how it was made. `resize="sincos"`: an MAE's fixed sin-cos
+    table is regenerated exactly for the new grid (it is what the encoder saw in pretraining at that
+    grid), a learned table resampled (timm). `resize="bicubic"`: facebookresearch/mae's
+    `interpolate_pos_embed`, the old table resized bicubically whatever it holds, as its fine-tuning
+    at 448 px did (for ViT-H 16 -> 32 it differs from the regenerated table by up to 2.0)."""
+    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
+    n, dim = pos_embed.shape[1] - prefix, pos_embed.shape[2]
     side = int(round(n**0.5))
     grid = list(vit.patch_embed.grid_size)
-    if vit.num_prefix_tokens == 1 and side * side == n and not vit.no_embed_class:
+    if resize == "bicubic":
+        if side * side != n:
+            raise ValueError(f"pos_embed of {n} patches is not a square grid; MAE's bicubic resize needs one")
+        tokens = pos_embed[:, prefix:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+        tokens = F.interpolate(tokens, size=grid, mode="bicubic", align_corners=False)
+        return torch.cat([pos_embed[:, :prefix], tokens.permute(0, 2, 3, 1).flatten(1, 2)], dim=1), \
+            "resized bicubically (MAE's interpolate_pos_embed)"
+    if prefix == 1 and side * side == n:
         sincos = sincos_pos_embed_2d(dim, side, side)
         if torch.allclose(pos_embed.double(), sincos, atol=1e-5):
-            return sincos_pos_embed_2d(dim, *grid).to(pos_embed.dtype)
-    prefix = 0 if vit.no_embed_class else vit.num_prefix_tokens
-    return resample_abs_pos_embed(pos_embed, new_size=grid, num_prefix_tokens=prefix)
+            return sincos_pos_embed_2d(dim, *grid).to(pos_embed.dtype), "sin-cos regenerated"
+    return resample_abs_pos_embed(pos_embed, new_size=grid, num_prefix_tokens=prefix), "learned, resampled (timm)"
 
 
-def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor]) -> None:
-    """Load MAE or timm ViT weights into `vit`, resampling `pos_embed` to its grid.
+def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor],
+                 resize: str = "sincos") -> str | None:
+    """Load MAE or timm ViT weights into `vit`, fitting `pos_embed` to its grid (`resize`: see
+    `_fit_pos_embed`); returns how the table was fitted, None when it fit as stored.
 
     The classifier starts fresh: a checkpoint's `head.*` is dropped, `fc_norm.*` may be missing,
     and the checkpoint's `norm.*` is dropped when `vit` pools before its norm (MAE fine-tuning
@@ -75,8 +88,11 @@ def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor]) ->
     sd = {k: v for k, v in encoder_state_dict(state_dict).items() if not k.startswith("head.")}
     if isinstance(vit.norm, nn.Identity):
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    fitted = None
     if "pos_embed" in sd and sd["pos_embed"].shape != vit.pos_embed.shape:
-        sd["pos_embed"] = _fit_pos_embed(sd["pos_embed"], vit)
+        old = sd["pos_embed"].shape[1]
+        sd["pos_embed"], how = _fit_pos_embed(sd["pos_embed"], vit, resize)
+        fitted = f"position table of {old} -> {sd['pos_embed'].shape[1]} tokens: {how}"
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if missing or unexpected:
@@ -85,3 +101,4 @@ def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor]) ->
             f"\n  missing from the checkpoint: {missing or 'none'}"
             f"\n  unexpected in the checkpoint: {unexpected or 'none'}"
         )
+    return fitted

@@ -102,19 +102,23 @@ def vit_arch(state: dict, path: str = "", key: str = "init") -> tuple[str, int]:
     raise ConfigError(f"{key}={path!r}: a ViT of width {dim} and depth {depth} matches no size ({known})")
 
 
-def load_vit(vit: nn.Module, state: dict, path: str = "", key: str = "init") -> None:
-    """Encoder weights into a timm ViT (position table resampled to its grid; see `load_encoder`)."""
+def load_vit(vit: nn.Module, state: dict, path: str = "", key: str = "init",
+             pos_embed_resize: str = "sincos") -> None:
+    """Encoder weights into a timm ViT (position table fitted to its grid, and said how; see
+    `load_encoder`)."""
     try:
-        load_encoder(vit, model_state(state))
+        fitted = load_encoder(vit, model_state(state), pos_embed_resize)
     except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape mismatches
         raise ConfigError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
+    if fitted:
+        print(f"{key}: {path}: {fitted}", file=sys.stderr)
 
 
 def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, key: str = "init",
-              state: dict | None = None, **vit_kwargs) -> nn.Module:
+              state: dict | None = None, pos_embed_resize: str = "sincos", **vit_kwargs) -> nn.Module:
     """A timm ViT of the checkpoint's own size holding its encoder (`init='random'`: fresh weights of
-    `size`; `state`: the file's contents when already read). `vit_kwargs` go to `build_vit_encoder`
-    (num_classes, global_pool, drop_path, img_size)."""
+    `size`; `state`: the file's contents when already read; `pos_embed_resize`: see `load_encoder`).
+    `vit_kwargs` go to `build_vit_encoder` (num_classes, global_pool, drop_path, img_size)."""
     if init != "random":
         state = planned(_plain(state if state is not None else read(init, key, unsafe), init, key), init, key)
         vit_kwargs.setdefault("depth", _depth(model_state(state)))
@@ -125,7 +129,7 @@ def build_vit(init: str, *, size: str, patch_size: int, unsafe: bool = False, ke
         size, patch_size = found
     vit = build_vit_encoder(size, patch_size=patch_size, **vit_kwargs)
     if state is not None:
-        load_vit(vit, state, init, key)
+        load_vit(vit, state, init, key, pos_embed_resize)
     return vit
 
 

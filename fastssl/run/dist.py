@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -68,6 +69,15 @@ def export_submitit_env() -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def wait_for_all(timeout: timedelta) -> None:
+    """A barrier allowed `timeout`, on a gloo group of its own: for a wait longer than the collectives'
+    timeout (a node still copying its data) without raising that timeout for training."""
+    if dist.is_initialized():
+        group = dist.new_group(backend="gloo", timeout=timeout)
+        dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)  # names the ranks missing
+        dist.destroy_process_group(group)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

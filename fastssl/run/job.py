@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import typing
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -24,10 +25,15 @@ from fastssl.config import ConfigError, load_config
 from fastssl.run import dist
 from fastssl.train import checkpoint, stop
 
-ENTRIES = ("pretrain", "finetune", "linprobe", "knn", "expand")
+ENTRIES = ("pretrain", "finetune", "linprobe", "knn")
+# an ImageNet .beton (~70-340 GB) copied from a slow (~100 MB/s) shared file system, then re-hashed locally
+STAGING_TIMEOUT = timedelta(hours=2)
 
 
 def entry_module(entry: str) -> ModuleType:
+    if entry == "expand":  # argparse, not a recipe; one process on the CPU
+        raise ConfigError("entry 'expand': not a Slurm job (a CPU step of seconds); run python -m fastssl.expand "
+                          "CKPT --depth L --out CKPT2 directly, then submit pretrain with init=CKPT2")
     if entry not in ENTRIES:
         raise ConfigError(f"entry {entry!r}: must be one of {', '.join(ENTRIES)}")
     try:
@@ -90,6 +96,13 @@ class Job(submitit.helpers.Checkpointable):
         folder = os.path.expandvars(self.stage_dir)
         if "$" in folder:
             raise ConfigError(f"--stage-dir {self.stage_dir!r}: a variable in it is not set on this node")
+        # The process group first, then the copy, then a barrier (rather than an init timeout sized
+        # for staging): the ranks reach init together, as nothing slow comes before it, and the wait
+        # for the slowest node's copy (whose SHA-256 re-reads it all) is a barrier allowed
+        # STAGING_TIMEOUT, where a node late to init made the job fail as a real error, not requeue.
+        # A longer init timeout would also be every training collective's: a hang found hours late.
+        dist.init(cfg.device)
         cfg.data.train = str(copy_to_node(cfg.data.train, folder))
         if cfg.data.val:
             cfg.data.val = str(copy_to_node(cfg.data.val, folder))
+        dist.wait_for_all(STAGING_TIMEOUT)

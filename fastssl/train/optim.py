@@ -10,21 +10,27 @@ from torch import nn
 from fastssl.config import OptimConfig
 from fastssl.models import scalenet
 
-# Tokens and position tables are not weights in the decay sense (MAE and timm exclude them too).
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "decoder_pos_embed")
+# Position tables are not weights in the decay sense. The tokens: MAE's pretraining decays them (its
+# add_weight_decay skips only 1-D parameters and biases; cls_token and mask_token are 3-D), its
+# fine-tuning does not (timm's no_weight_decay names cls_token), hence `decay_tokens`.
+NO_DECAY_NAMES = ("pos_embed", "decoder_pos_embed")
+TOKEN_NAMES = ("cls_token", "mask_token")
 
 
-def _decays(name: str, p: nn.Parameter) -> bool:
-    return p.ndim > 1 and name.split(".")[-1] not in NO_DECAY_NAMES
+def _decays(name: str, p: nn.Parameter, decay_tokens: bool = False) -> bool:
+    leaf = name.split(".")[-1]
+    return p.ndim > 1 and leaf not in NO_DECAY_NAMES and (decay_tokens or leaf not in TOKEN_NAMES)
 
 
-def param_groups(model: nn.Module, weight_decay: float, adapter_lr_scale: float = 1.0) -> list[dict]:
-    """Decayed matrices, and biases / norm weights / tokens / scales with no decay; ScaleNet adapters
-    (if any) in two more groups of the same split, at `adapter_lr_scale` times the LR."""
+def param_groups(model: nn.Module, weight_decay: float, adapter_lr_scale: float = 1.0,
+                 decay_tokens: bool = False) -> list[dict]:
+    """Decayed matrices, and biases / norm weights / scales (and the tokens unless `decay_tokens`)
+    with no decay; ScaleNet adapters (if any) in two more groups of the same split, at
+    `adapter_lr_scale` times the LR."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(False, True): [], (False, False): []}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((scalenet.is_adapter(name), _decays(name, p)), []).append(p)
+            groups.setdefault((scalenet.is_adapter(name), _decays(name, p, decay_tokens)), []).append(p)
     order = [(False, True), (False, False), (True, True), (True, False)]  # stable across runs: resume
     return [
         {"params": groups[adapter, decay], "weight_decay": weight_decay if decay else 0.0,
@@ -62,8 +68,8 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
 
 def adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
           device: torch.device, layer_decay: float | None = None,
-          adapter_lr_scale: float = 1.0) -> torch.optim.AdamW:
-    groups = (param_groups(model, weight_decay, adapter_lr_scale) if layer_decay is None
+          adapter_lr_scale: float = 1.0, decay_tokens: bool = False) -> torch.optim.AdamW:
+    groups = (param_groups(model, weight_decay, adapter_lr_scale, decay_tokens) if layer_decay is None
               else layer_decay_groups(model, weight_decay, layer_decay))
     # The fused kernel is one launch for all parameters on CUDA; on CPU the foreach path is fastest.
     fused = device.type == "cuda"

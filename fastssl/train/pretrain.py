@@ -9,13 +9,12 @@ from functools import partial
 import torch
 
 from fastssl.config import ConfigError, PretrainConfig
-from fastssl.data import make_eval_loader
 from fastssl.eval import knn
 from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
 from fastssl.run import cli
 from fastssl.train import depth_growth, engine, flops, optim, progressive
-from fastssl.train.visualize import save_reconstructions
+from fastssl.train.visualize import save_reconstructions, spread_val_images
 
 
 def run(cfg: PretrainConfig) -> engine.Progress:
@@ -38,7 +37,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     if cfg.scalenet.freeze_shared:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
-                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale)
+                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
     stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     loader = cli.train_loader(cfg, info)
 
@@ -48,11 +47,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     with cli.run_folder(cfg, info) as (run_dir, logger):
         hooks = []
         if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
-            # Eight val images spread over the (class-sorted) split: the same pictures every time.
-            val = make_eval_loader(cfg.data.val, batch_size=64, res=cfg.data.res, num_workers=1,
-                                   device=info.device)
-            every = torch.cat([imgs for imgs, _ in val])
-            fixed = every[torch.linspace(0, len(every) - 1, 8).long()]
+            fixed = spread_val_images(cfg.data.val, cfg.data.res, info.device)
 
             def recon(epoch: int, m) -> dict:
                 if (epoch + 1) % cfg.log.recon_every_epochs:

@@ -32,6 +32,18 @@ def reconstruct(model, imgs: torch.Tensor, mask_ratio: float, seed: int = 0) -> 
     return torch.cat([imgs, masked, pasted], dim=3)
 
 
+def spread_val_images(path: str | Path, res: int, device: torch.device, n: int = 8) -> torch.Tensor:
+    """``n`` val images spread evenly over the (class-sorted) split: the same pictures every time.
+    Only those ``n`` are decoded: a whole ImageNet val split at 224 px would be ~30 GB of floats."""
+    from fastssl.data import make_eval_loader
+    from fastssl.data.subset import read_labels
+
+    picks = torch.linspace(0, len(read_labels(path)) - 1, n).long()
+    loader = make_eval_loader(path, batch_size=n, res=res, num_workers=1, device=device,
+                              indices=picks.numpy())
+    return torch.cat([imgs for imgs, _ in loader])
+
+
 def save_reconstructions(model, imgs: torch.Tensor, mask_ratio: float, path: str | Path) -> Path:
     rows = reconstruct(model, imgs, mask_ratio).cpu()
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
