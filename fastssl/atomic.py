@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +15,7 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
     and `path` is left as it was. A path, not a file object, so that writers that open files by
     name (torch.save, safetensors, PIL, ffcv's writer) can write into it."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # same folder: the rename stays atomic
+    tmp = _temp_path(path, os.getpid())  # same folder: the rename stays atomic
     try:
         yield tmp
         _fsync(tmp)  # the data reaches the disk before the new name does
@@ -22,6 +23,35 @@ def replacing(path: str | os.PathLike) -> Iterator[Path]:
         _fsync(path.parent)  # and the rename itself survives a crash
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _temp_path(path: Path, pid: int) -> Path:
+    return path.with_name(f".{path.name}.tmp{pid}")
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temp files that :func:`replacing` left beside `path` in processes that no longer
+    run (kill -9, a power cut: no `finally` ran); return them. A temp whose process still runs on
+    this host is kept: it may be a second writer of the same file, still at work."""
+    path = Path(path)
+    prefix = _temp_path(path, 0).name[:-1]
+    removed = []
+    for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+        pid = tmp.name[len(prefix):]
+        if pid.isdigit() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:
