@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from fastssl import checkpoint
 from fastssl.config import ConfigError, load_config
 from fastssl.engine import NonFiniteLoss
 
@@ -29,7 +30,7 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # as argparse does for bad arguments
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, checkpoint.Unreadable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

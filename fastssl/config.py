@@ -70,6 +70,9 @@ class CheckpointConfig:
     every_epochs: int = 1
     every_steps: int = 0  # 0: only at epoch ends
     keep_last: int = 2
+    # when the run folder has checkpoints and none of them loads (all corrupt): true starts the run
+    # over from step 0 there; false (default) stops with an error listing them
+    restart: bool = False
 
 
 @dataclass

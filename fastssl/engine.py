@@ -32,6 +32,19 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; the last checkpoint on disk predates it."""
 
 
+def _nonfinite_advice(cfg: RunConfig) -> str:
+    """Which checkpoint a rerun resumes from (each is written after a finite-loss check), and what
+    fits the run's precision: fp16 overflows where bf16, with fp32's exponent range, does not."""
+    latest = checkpoint.latest_valid(cfg.run_dir)
+    where = (f"the newest checkpoint, {latest}, predates it" if latest is not None
+             else "no checkpoint was written before it")
+    advice = ("lower optim.blr or use precision=bf16 (fp16 overflows where bf16 does not)"
+              if cfg.precision == "fp16"
+              else f"lower optim.blr, lengthen optim.warmup_epochs or set optim.clip_grad "
+                   f"(the run is already in {cfg.precision})")
+    return f"{where}: {advice}"
+
+
 class EpochLoader(Protocol):
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterable: ...
@@ -162,7 +175,7 @@ def fit(
     scaler = torch.amp.GradScaler(info.device.type, enabled=cfg.precision == "fp16")
 
     progress = Progress()
-    resumed = checkpoint.load_latest(cfg.run_dir)
+    resumed = checkpoint.load_latest(cfg.run_dir, restart=cfg.checkpoint.restart)
     if resumed is not None:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -205,8 +218,7 @@ def fit(
         if not math.isfinite(mean):
             raise NonFiniteLoss(
                 f"loss is {mean} at epoch {progress.epoch}, step {progress.step} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}); the last checkpoint in "
-                f"{checkpoint.checkpoint_dir(cfg.run_dir)} is intact: lower the lr or use fp32/bf16"
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); {_nonfinite_advice(cfg)}"
             )
         elapsed = max(time.perf_counter() - t_log, 1e-9)
         metrics = {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
