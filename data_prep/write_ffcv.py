@@ -286,17 +286,6 @@ def _listing(src: Path, classes_from, labels_file, synsets) -> Listing:
     return list_class_folders(src, classes)
 
 
-def _check_writable(out: Path) -> None:
-    """Create and remove a file beside ``out``: the only test that holds for read-only mounts, /proc
-    and permissions alike, done before any image is read."""
-    probe = out.with_name(f".{out.name}.probe{os.getpid()}")
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise DatasetError(f"--out {out}: cannot write in {out.parent} ({e.strerror})") from None
-
-
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -332,7 +321,9 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
         raise DatasetError(f"--out {out}: exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise DatasetError(f"--out {out}: folder {out.parent} does not exist")
-    _check_writable(out)
+    problem = atomic.why_unwritable(out.parent)
+    if problem:
+        raise DatasetError(f"--out {out}: {problem}")
     for stale in atomic.remove_stale_temps(out):
         log(f"removed {stale}, left by an earlier conversion that was killed")
 

@@ -44,6 +44,24 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def why_unwritable(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in `folder`, or in the nearest existing folder above it that
+    `mkdir -p` would extend; None if they can. Creates and removes a probe file there: the one test
+    that holds for read-only mounts, /proc, /sys and permissions alike (os.access says yes to root)."""
+    existing = Path(folder)
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    probe = existing / f".probe{os.getpid()}.tmp"
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        return f"cannot write in {existing} ({e.strerror})"
+    return None
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -73,7 +73,7 @@ def verify(path: Path) -> str | None:
             bad = z.testzip()
     except (zipfile.BadZipFile, OSError) as e:
         return f"not a complete checkpoint archive ({e})"
-    return None if bad is None else f"checksum mismatch in {bad} (corrupt)"
+    return None if bad is None else f"checksum mismatch in {bad}"
 
 
 def latest_valid(run_dir: str | Path) -> Path | None:

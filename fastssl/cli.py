@@ -8,6 +8,7 @@ from typing import Callable, TypeVar
 
 from fastssl import checkpoint
 from fastssl.config import ConfigError, load_config
+from fastssl.data import beton
 from fastssl.engine import NonFiniteLoss
 
 C = TypeVar("C")
@@ -35,6 +36,9 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
         sys.exit(1)
 
 
-def require_file(key: str, path: str) -> None:
+def require_beton(key: str, path: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"{key}={path!r}: no such file")
+    problem = beton.what_is_wrong(path)
+    if problem is not None:
+        raise ConfigError(f"{key}={path!r}: {problem}")

@@ -159,12 +159,8 @@ def fit(
     metric tracker) are saved in every checkpoint under their names and restored on resume. With
     `flops_per_image` (training FLOPs at a stage) and a known device peak, each log line has the MFU."""
     extra_state = extra_state or {}
+    cfg.check_batches(len(loader))
     micro_per_epoch = (len(loader) // cfg.accum_steps) * cfg.accum_steps
-    if micro_per_epoch == 0:
-        raise ValueError(
-            f"batch_size={cfg.batch_size}: the training set gives fewer than accum_steps={cfg.accum_steps} "
-            f"batches per process; lower batch_size"
-        )
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)

@@ -68,8 +68,8 @@ def run(cfg: FinetuneConfig) -> dict:
             parse_rand_augment(aug.rand_augment)
         except ValueError as e:
             raise ConfigError(f"augment.rand_augment={e}") from None
-    cli.require_file("data.train", cfg.data.train)
-    cli.require_file("data.val", cfg.data.val)
+    cli.require_beton("data.train", cfg.data.train)
+    cli.require_beton("data.val", cfg.data.val)
     n_classes = num_classes(cfg.data.train)
     model = build_model(cfg, n_classes).to(info.device)
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
@@ -84,6 +84,7 @@ def run(cfg: FinetuneConfig) -> dict:
     augment = BatchAugment(n_classes, aug.rand_augment, aug.reprob, aug.mixup, aug.cutmix, aug.mixup_prob,
                            aug.mixup_switch_prob, aug.smoothing)
     criterion = SoftTargetCrossEntropy()
+    cfg.check_batches(len(train))  # before the run folder exists
     run_dir = engine.prepare_run_dir(cfg, info)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
 

@@ -104,8 +104,8 @@ def epoch_hook(cfg: RunConfig, knn: KNNConfig, info: dist.DistInfo):
 
 def run(cfg: KNNRunConfig) -> dict:
     info = dist.init(cfg.device)
-    cli.require_file("data.train", cfg.data.train)
-    cli.require_file("data.val", cfg.data.val)
+    cli.require_beton("data.train", cfg.data.train)
+    cli.require_beton("data.val", cfg.data.val)
     torch.manual_seed(cfg.seed)
     encoder = weights.build_vit(cfg.init, size=cfg.model.size, patch_size=cfg.model.patch_size,
                                 unsafe=cfg.init_unsafe, num_classes=0, global_pool=cfg.global_pool,

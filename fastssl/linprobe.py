@@ -126,8 +126,8 @@ def build_encoder(cfg: LinProbeConfig) -> nn.Module:
 def run(cfg: LinProbeConfig) -> dict:
     info = dist.init(cfg.device)
     cfg.validate_world(info.world_size)
-    cli.require_file("data.train", cfg.data.train)
-    cli.require_file("data.val", cfg.data.val)
+    cli.require_beton("data.train", cfg.data.train)
+    cli.require_beton("data.val", cfg.data.val)
     encoder = build_encoder(cfg).to(info.device)
     head = ProbeHead(encoder.num_features, num_classes(cfg.data.train), len(cfg.lr_scales)).to(info.device)
     groups = [{"params": fc.parameters(), "lr_scale": s} for fc, s in zip(head.fc, cfg.lr_scales)]
@@ -139,6 +139,7 @@ def run(cfg: LinProbeConfig) -> dict:
     )
     val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,
                            num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)
+    cfg.check_batches(len(train))  # before the run folder exists
     run_dir = engine.prepare_run_dir(cfg, info)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb, project=cfg.log.project)
     if cfg.cache_views:

@@ -19,9 +19,9 @@ from fastssl.visualize import save_reconstructions
 def run(cfg: PretrainConfig) -> engine.Progress:
     info = dist.init(cfg.device)
     cfg.validate_world(info.world_size)
-    cli.require_file("data.train", cfg.data.train)
+    cli.require_beton("data.train", cfg.data.train)
     if cfg.data.val:
-        cli.require_file("data.val", cfg.data.val)
+        cli.require_beton("data.val", cfg.data.val)
     init_state = weights.read(cfg.init, "init", cfg.init_unsafe) if cfg.init else None
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
@@ -47,6 +47,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
     )
+    cfg.check_batches(len(loader))  # before the run folder exists
     run_dir = engine.prepare_run_dir(cfg, info)
     logger = RunLogger(run_dir, to_dict(cfg), enabled=info.is_main, wandb=cfg.log.wandb,
                        project=cfg.log.project)
