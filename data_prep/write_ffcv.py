@@ -32,7 +32,6 @@ right choice for eval sets, where compression costs accuracy).
 """
 from __future__ import annotations
 
-import _thread
 import argparse
 import multiprocessing as mp
 import os
@@ -154,7 +153,8 @@ class _WorkerWatch:
     exception inside ffcv's encoder, the OOM killer) would leave it waiting forever. Each forked
     worker records its pid here; a thread of the main process looks at their exit status without
     reaping them (waitid WNOWAIT, so multiprocessing can still join them) and, when one ended badly,
-    interrupts the main thread's wait."""
+    interrupts the main thread's wait with SIGINT. A worker that dies while multiprocessing is still
+    starting the others may be reaped by it unseen; the rest are all watched."""
 
     def __init__(self, workers: int):
         self.pids = mp.Array("q", workers, lock=True)  # filled by the workers as they start
@@ -181,7 +181,8 @@ class _WorkerWatch:
                 how = (f"exit code {info.si_status}" if info.si_code == os.CLD_EXITED
                        else f"signal {signal.Signals(info.si_status).name}")
                 self.failure = f"a writer worker died ({how}; its error, if any, is above)"
-                _thread.interrupt_main()
+                # a real signal, not interrupt_main: it also breaks a blocking read (ffcv's queue.get)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
                 return
 
     def __enter__(self) -> _WorkerWatch:

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from fastssl import checkpoint
-from fastssl.config import ConfigError, load_config
+from fastssl.config import ConfigError, RunConfig, load_config
 from fastssl.data import beton
 from fastssl.engine import NonFiniteLoss
 
-C = TypeVar("C")
+C = TypeVar("C", bound=RunConfig)
 
 
 def parse(cls: type[C], prog: str, description: str, argv: list[str] | None) -> C:
@@ -27,6 +27,7 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
     """Parse, validate, run; a user mistake is one line on stderr and exit 2, never a traceback."""
     try:
         cfg = parse(cls, prog, description, argv)
+        cfg.check_run_dir()
         run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

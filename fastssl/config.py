@@ -126,6 +126,10 @@ class RunConfig:
         _check(self.log.peak_tflops is None or self.log.peak_tflops > 0, "log.peak_tflops", self.log.peak_tflops,
                "must be > 0 or null")
         _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in 0..2**32-1")
+
+    def check_run_dir(self) -> None:
+        """A probe file in run_dir (or the folder it would be made in). Not part of `validate`: tools
+        that only read recipes (flops, the Slurm planner on a login node) validate them too."""
         problem = atomic.why_unwritable(self.run_dir)
         _check(problem is None, "run_dir", self.run_dir, f"not writable: {problem}")
 

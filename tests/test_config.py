@@ -104,15 +104,17 @@ def _one_line_error(r: subprocess.CompletedProcess, message: str) -> None:
 def test_unwritable_run_dir_is_a_config_error(tmp_path, run_dir, reason):
     (tmp_path / "f").write_text("")
     run_dir, reason = (s.format(file=tmp_path / "f") for s in (run_dir, reason))
+    cfg = load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml", [f"run_dir={run_dir}"])
     with pytest.raises(ConfigError) as e:
-        load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml", [f"run_dir={run_dir}"])
+        cfg.check_run_dir()
     assert str(e.value) == f"run_dir={run_dir!r}: not writable: {reason}"
 
 
 @pytest.mark.parametrize("module, recipe", [("pretrain", "pretrain_cpu"), ("linprobe", "linprobe_cpu"),
                                             ("finetune", "finetune_cpu"), ("knn", "knn_cpu")])
 def test_cli_unwritable_run_dir_exits_before_anything_runs(module, recipe):
-    r = _entry_point(module, str(ROOT / f"recipes/demo/{recipe}.yaml"), "run_dir=/proc/fastssl/run")
+    init = [] if module == "pretrain" else ["init=random"]
+    r = _entry_point(module, str(ROOT / f"recipes/demo/{recipe}.yaml"), "run_dir=/proc/fastssl/run", *init)
     _one_line_error(r, "run_dir='/proc/fastssl/run': not writable: cannot write in /proc (No such file or directory)")
 
 
