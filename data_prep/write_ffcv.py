@@ -15,6 +15,16 @@ process would wait forever for a worker that died on an exception), and only if 
 the output written again without them. (A separate check pass before writing, as this converter
 first had, costs one more decode per image: 0.51x a plain decode+encode loop at 500 px.)
 
+ffcv stores each image within one page of the file, and a worker handed a larger image dies
+(8 MiB pages by default: a 2000x1500 raw image does not fit). The pages are sized for the largest
+image the run stores: from --max-res when given (the square bound), else from the image headers
+(one header read per file, no decode). Any worker that still dies ends the conversion with an
+error rather than a wait. A temp file that an earlier, killed conversion left beside the output is
+removed (and reported) once its process is gone.
+
+EXIF orientation is ignored by default, as torchvision's ImageFolder and the published ImageNet
+pipelines do (so numbers stay comparable); --exif-transpose stores photos upright instead.
+
 Write modes (ffcv): raw (pixels), jpg (all JPEG at --jpeg-quality), proportion (each image JPEG with
 probability --compress-prob, else raw), smart (JPEG when the raw pixels exceed --smart-threshold bytes).
 Without --write-mode/--preset: proportion if --compress-prob is given, else raw (no JPEG loss; the
@@ -25,10 +35,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field, fields, replace
 from functools import partial
+from multiprocessing import util as mp_util
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +49,8 @@ import numpy as np
 from fastssl import atomic
 from fastssl.data.classes import classes_path, read_class_file, read_classes, write_classes
 from fastssl.data.imagefolder import DatasetError, Listing, list_class_folders, list_flat, open_checked
+
+from PIL import Image
 
 WRITE_MODES = ("raw", "jpg", "smart", "proportion")
 
@@ -117,8 +132,8 @@ class _Images:
     """What ffcv's writer workers index. A file that cannot be written must not kill a worker -- ffcv
     would wait for it forever -- so it becomes a 1-pixel placeholder and is flagged in ``failed``."""
 
-    def __init__(self, samples: list[tuple[str, int]], max_res: int | None):
-        self.samples, self.max_res = samples, max_res
+    def __init__(self, samples: list[tuple[str, int]], max_res: int | None, exif_transpose: bool):
+        self.samples, self.max_res, self.exif_transpose = samples, max_res, exif_transpose
         self.failed = mp.Array("b", len(samples), lock=False)  # shared with the forked workers
 
     def __len__(self) -> int:
@@ -126,15 +141,99 @@ class _Images:
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        im, _ = open_checked(path, self.max_res)
+        im, _ = open_checked(path, self.max_res, self.exif_transpose)
         if im is None:
             self.failed[i] = 1
             return np.zeros((1, 1, 3), np.uint8), label
         return im, label
 
 
+class _WorkerWatch:
+    """ffcv's writer waits until its workers have counted every sample, so a worker that dies (an
+    exception inside ffcv's encoder, the OOM killer) would leave it waiting forever. Each forked
+    worker records its pid here; a thread of the main process looks at their exit status without
+    reaping them (waitid WNOWAIT, so multiprocessing can still join them) and, when one ended badly,
+    interrupts the main thread's wait with SIGINT. A worker that dies while multiprocessing is still
+    starting the others may be reaped by it unseen; the rest are all watched."""
+
+    def __init__(self, workers: int):
+        self.pids = mp.Array("q", workers, lock=True)  # filled by the workers as they start
+        self.failure: str | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        mp_util.register_after_fork(self, _WorkerWatch._record)
+
+    def _record(self) -> None:  # in each new worker
+        with self.pids.get_lock():
+            free = [i for i, pid in enumerate(self.pids[:]) if pid == 0]
+            if free:
+                self.pids[free[0]] = os.getpid()
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.2):
+            for pid in filter(None, self.pids[:]):
+                try:
+                    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:  # already reaped by multiprocessing (while starting others)
+                    continue
+                if info is None or (info.si_code == os.CLD_EXITED and info.si_status == 0):
+                    continue
+                how = (f"exit code {info.si_status}" if info.si_code == os.CLD_EXITED
+                       else f"signal {signal.Signals(info.si_status).name}")
+                self.failure = f"a writer worker died ({how}; its error, if any, is above)"
+                # a real signal, not interrupt_main: it also breaks a blocking read (ffcv's queue.get)
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    def __enter__(self) -> _WorkerWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+        if self.failure is not None:
+            for pid in filter(None, self.pids[:]):  # the others would wait for work that never comes
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+MIN_PAGE_SIZE = 8 * 2**20  # ffcv's default
+MAX_PAGE_SIZE = 2**31  # ffcv's pages are powers of two below 4 GiB
+
+
+def _raw_bytes(size: tuple[int, int], max_res: int | None) -> int:
+    """Bytes of an image's raw RGB pixels once ffcv has resized it to ``max_res`` (its rule)."""
+    w, h = size
+    if max_res is not None and max(w, h) > max_res:
+        w, h = int(w * max_res / max(w, h)), int(h * max_res / max(w, h))
+    return w * h * 3
+
+
+def page_size(samples: list[tuple[str, int]], max_res: int | None) -> int:
+    """The smallest ffcv page (a power of two, at least ffcv's default) that holds the largest image:
+    its raw pixels, which also bound its JPEG. Raises DatasetError if that is over ffcv's limit."""
+    largest, path = 3 * max_res * max_res if max_res else 0, None
+    if not max_res or largest > MAX_PAGE_SIZE:  # the square bound is no use: read the headers
+        largest = 0
+        for p, _ in samples:
+            try:
+                with Image.open(p) as im:
+                    size = im.size
+            except Exception:  # noqa: BLE001 -- unreadable: skipped by the workers, with its reason
+                continue
+            if _raw_bytes(size, max_res) > largest:
+                largest, path = _raw_bytes(size, max_res), p
+    if largest > MAX_PAGE_SIZE:
+        raise DatasetError(f"{path}: {largest / 2**30:.1f} GiB of raw pixels, over ffcv's "
+                           f"{MAX_PAGE_SIZE // 2**30} GiB limit per image (set --max-res)")
+    return max(MIN_PAGE_SIZE, 1 << (largest - 1).bit_length())
+
+
 def _write_beton(path: Path, samples: list[tuple[str, int]], opts: Options, workers: int,
-                 chunk_size: int) -> list[int]:
+                 chunk_size: int, exif_transpose: bool = False) -> list[int]:
     """Write ``samples`` to ``path``; the indices of those that failed (written as placeholders)."""
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
@@ -142,9 +241,19 @@ def _write_beton(path: Path, samples: list[tuple[str, int]], opts: Options, work
     image = RGBImageField(write_mode=opts.write_mode, max_resolution=opts.max_res,
                           smart_threshold=opts.smart_threshold, jpeg_quality=opts.jpeg_quality,
                           compress_probability=opts.compress_prob or 0.0)
-    dataset = _Images(samples, opts.max_res)
-    writer = DatasetWriter(str(path), {"image": image, "label": IntField()}, num_workers=workers)
-    writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+    dataset = _Images(samples, opts.max_res, exif_transpose)
+    writer = DatasetWriter(str(path), {"image": image, "label": IntField()},
+                           page_size=page_size(samples, opts.max_res), num_workers=workers)
+    watch = _WorkerWatch(workers)
+    try:
+        with watch:
+            writer.from_indexed_dataset(dataset, chunksize=chunk_size)
+    except KeyboardInterrupt:
+        if watch.failure is None:
+            raise
+        writer.metadata_sm.close()  # ffcv frees its shared memory only when it finishes
+        writer.metadata_sm.unlink()
+        raise DatasetError(f"{watch.failure}: nothing written") from None
     return np.flatnonzero(np.frombuffer(dataset.failed, np.int8)).tolist()
 
 
@@ -185,16 +294,19 @@ def default_workers() -> int:
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | None = None,
             max_res: int | None = None, jpeg_quality: int | None = None, compress_prob: float | None = None,
             write_mode: str | None = None, smart_threshold: int | None = None,
-            workers: int | None = None, chunk_size: int = 100, force: bool = False,
+            exif_transpose: bool = False, workers: int | None = None, chunk_size: int = 100,
+            force: bool = False,
             classes_from: str | os.PathLike | None = None, labels_file: str | os.PathLike | None = None,
             synsets: str | os.PathLike | None = None, limit: int | None = None, log=print) -> Summary:
     """Write ``src`` to ``out`` (a ``.beton``) and ``NAME.classes.txt`` beside it.
 
     Image options left None come from ``preset``, then from :class:`Options` (``max_res=0``: keep
-    size). Raises :class:`DatasetError` (nothing written) for bad input. The output appears only when
-    complete: it is written to a hidden temp file in the same folder, renamed on success and removed
-    on any failure, KeyboardInterrupt included. ``log`` receives warnings and the start line (ffcv's
-    writer shows its own progress bar).
+    size). ``exif_transpose``: store photos upright by their EXIF Orientation (default: the pixels as
+    stored, as torchvision's ImageFolder reads them). Raises :class:`DatasetError` (nothing written)
+    for bad input. The output appears only when complete: it is written to a hidden temp file in the
+    same folder, renamed on success and removed on any failure, KeyboardInterrupt included (a temp
+    left by a kill -9 is removed by the next run). ``log`` receives warnings and the start line
+    (ffcv's writer shows its own progress bar).
     """
     t0 = time.time()
     opts = resolve_options(preset, max_res=max_res, jpeg_quality=jpeg_quality, compress_prob=compress_prob,
@@ -210,6 +322,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
         raise DatasetError(f"--out {out}: exists (use --force to overwrite)")
     if not out.parent.is_dir():
         raise DatasetError(f"--out {out}: folder {out.parent} does not exist")
+    problem = atomic.why_unwritable(out.parent)
+    if problem:
+        raise DatasetError(f"--out {out}: {problem}")
+    for stale in atomic.remove_stale_temps(out):
+        log(f"removed {stale}, left by an earlier conversion that was killed")
 
     listing = _listing(src, classes_from, labels_file, synsets)
     samples = listing.samples if limit is None else _take_evenly(listing.samples, limit)
@@ -219,7 +336,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, preset: str | Non
             if not samples:
                 raise DatasetError(f"--src {src}: no readable images ({len(skipped)} files skipped)")
             log(f"writing {len(samples)} images to {out} ({opts.write_mode}, {workers} workers)")
-            failed = _write_beton(tmp, samples, opts, workers, chunk_size)
+            failed = _write_beton(tmp, samples, opts, workers, chunk_size, exif_transpose)
             if not failed:
                 break
             # the reason, from the same check the workers ran ("changed on disk" if it passes now)
@@ -253,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compress-prob", type=float, help="JPEG share for --write-mode proportion")
     p.add_argument("--write-mode", help=f"{', '.join(WRITE_MODES)} (default: see above)")
     p.add_argument("--smart-threshold", type=int, help="bytes of raw pixels above which smart mode uses JPEG")
+    p.add_argument("--exif-transpose", action="store_true",
+                   help="store photos upright by their EXIF Orientation (default: ignore it, as ImageFolder)")
     p.add_argument("--workers", type=int, help="processes for checking and writing (default: all cores)")
     p.add_argument("--chunk-size", type=int, default=100, help="images per writer work item")
     p.add_argument("--classes-from", help="train .beton (reads its .classes.txt) or a class list file")
@@ -264,7 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = convert(a.src, a.out, preset=a.preset, max_res=a.max_res, jpeg_quality=a.jpeg_quality,
                           compress_prob=a.compress_prob, write_mode=a.write_mode,
-                          smart_threshold=a.smart_threshold, workers=a.workers, chunk_size=a.chunk_size,
+                          smart_threshold=a.smart_threshold, exif_transpose=a.exif_transpose,
+                          workers=a.workers, chunk_size=a.chunk_size,
                           force=a.force, classes_from=a.classes_from, labels_file=a.labels_file,
                           synsets=a.synsets, limit=a.limit, log=partial(print, file=sys.stderr))
     except DatasetError as e:

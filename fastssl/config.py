@@ -6,6 +6,7 @@ and what is allowed; entry points print it and exit 2 before anything is written
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from fastssl import atomic
 from fastssl.errors import ConfigError
 from fastssl.train.progressive import from_config
 
@@ -72,6 +74,9 @@ class CheckpointConfig:
     every_epochs: int = 1
     every_steps: int = 0  # 0: only at epoch ends
     keep_last: int = 2
+    # when the run folder has checkpoints and none of them loads (all corrupt): true starts the run
+    # over from step 0 there; false (default) stops with an error listing them
+    restart: bool = False
 
 
 @dataclass
@@ -121,6 +126,19 @@ class RunConfig:
         _check(self.log.every_steps > 0, "log.every_steps", self.log.every_steps, "must be > 0")
         _check(self.log.peak_tflops is None or self.log.peak_tflops > 0, "log.peak_tflops", self.log.peak_tflops,
                "must be > 0 or null")
+        _check(0 <= self.seed < 2**32, "seed", self.seed, "must be in 0..2**32-1")
+
+    def check_run_dir(self) -> None:
+        """A probe file in run_dir (or the folder it would be made in). Not part of `validate`: tools
+        that only read recipes (flops, the Slurm planner on a login node) validate them too."""
+        problem = atomic.why_unwritable(self.run_dir)
+        _check(problem is None, "run_dir", self.run_dir, f"not writable: {problem}")
+
+    def check_batches(self, batches: int) -> None:
+        """`batches`: what the train loader gives each process per epoch; a step needs accum_steps."""
+        _check(batches >= self.accum_steps, "batch_size", self.batch_size,
+               f"the training set gives {batches} batches per process, fewer than accum_steps="
+               f"{self.accum_steps}; lower batch_size")
 
     def micro_batch(self, world_size: int) -> int:
         """Images per process per forward pass: batch_size / (world_size x accum_steps)."""
@@ -455,6 +473,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r}: expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r}: expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

@@ -36,6 +36,9 @@ def export(ckpt: str, out: str, img_size: int = 224, head: bool = True, unsafe: 
     """Write the timm state dict of `ckpt`'s encoder to `out`; returns the metadata written."""
     if Path(out).exists() and not force:
         raise ConfigError(f"--out {out!r}: exists; pass --force to overwrite")
+    problem = atomic.why_unwritable(Path(out).parent)
+    if problem:
+        raise ConfigError(f"--out {out!r}: {problem}")
     state = weights.read(ckpt, "ckpt", unsafe, opt_in="--unsafe")
     size, patch = weights.vit_arch(state, ckpt, "ckpt")
     sd = weights.model_state(state)

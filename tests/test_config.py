@@ -83,3 +83,75 @@ def test_cli_missing_data_file(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: data.train='{tmp_path / 'nope.beton'}': no such file"
     assert not run_dir.exists()
+
+
+def _entry_point(module: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"fastssl.{module}", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+def _one_line_error(r: subprocess.CompletedProcess, message: str) -> None:
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: {message}"]
+
+
+@pytest.mark.parametrize("run_dir, reason", [
+    ("{file}", "{file} is a file, not a folder"),
+    ("{file}/run", "{file} is a file, not a folder"),
+    ("/proc/run", "cannot write in /proc (No such file or directory)"),
+    ("/sys/fs/run", "cannot write in /sys/fs (Permission denied)"),
+])
+def test_unwritable_run_dir_is_a_config_error(tmp_path, run_dir, reason):
+    (tmp_path / "f").write_text("")
+    run_dir, reason = (s.format(file=tmp_path / "f") for s in (run_dir, reason))
+    cfg = load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml", [f"run_dir={run_dir}"])
+    with pytest.raises(ConfigError) as e:
+        cfg.check_run_dir()
+    assert str(e.value) == f"run_dir={run_dir!r}: not writable: {reason}"
+
+
+@pytest.mark.parametrize("module, recipe", [("pretrain", "pretrain_cpu"), ("linprobe", "linprobe_cpu"),
+                                            ("finetune", "finetune_cpu"), ("knn", "knn_cpu")])
+def test_cli_unwritable_run_dir_exits_before_anything_runs(module, recipe):
+    init = [] if module == "pretrain" else ["init=random"]
+    r = _entry_point(module, str(ROOT / f"recipes/demo/{recipe}.yaml"), "run_dir=/proc/fastssl/run", *init)
+    _one_line_error(r, "run_dir='/proc/fastssl/run': not writable: cannot write in /proc (No such file or directory)")
+
+
+def test_cli_export_to_an_unwritable_out(tmp_path):
+    r = _entry_point("export", str(tmp_path / "any.pt"), "--out", "/proc/encoder.safetensors")
+    _one_line_error(r, "--out '/proc/encoder.safetensors': cannot write in /proc (No such file or directory)")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=-1", "seed=-1: must be in 0..2**32-1"),
+    ("optim.warmup_epochs=inf", "optim.warmup_epochs=inf: expected a finite number"),
+    ("optim.blr=inf", "optim.blr=inf: expected a finite number"),
+    ("optim.weight_decay=.nan", "optim.weight_decay=nan: expected a finite number"),
+    ("data.res=8", "data.res=8: at mask ratio 0.75, its 1 patch(es) of 8 px leave no visible token (from epoch 0); "
+                   "raise the resolution or lower the mask ratio"),
+    ("batch_size=100000 epochs=1", "batch_size=100000: the training set gives 0 batches per process, fewer than "
+                                   "accum_steps=1; lower batch_size"),
+    ("data.train={classes}", "data.train='{classes}': a text file (the class list beside a .beton), not an ffcv "
+                             ".beton (data_prep/write_ffcv.py writes one)"),
+])
+def test_cli_values_that_would_fail_later_are_one_line_errors(demo_betons, tmp_path, override, message):
+    # each of these passed validation once and then failed mid-run (a traceback, a run folder left)
+    run_dir, classes = tmp_path / "run", demo_betons.train.with_name("train.classes.txt")
+    r = _entry_point("pretrain", str(ROOT / "recipes/demo/pretrain_cpu.yaml"), f"run_dir={run_dir}",
+                     f"data.train={demo_betons.train}", f"data.val={demo_betons.val}", "data.num_workers=1",
+                     "log.wandb=disabled", *override.format(classes=classes).split())
+    _one_line_error(r, message.format(classes=classes))
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_cli_init_of_random_bytes_is_not_taken_for_an_unsafe_pickle(demo_betons, tmp_path, unsafe):
+    init = tmp_path / "weights.pt"
+    init.write_bytes(bytes(range(256)) * 16)
+    r = _entry_point("linprobe", str(ROOT / "recipes/demo/linprobe_cpu.yaml"), f"run_dir={tmp_path / 'run'}",
+                     f"init={init}", f"data.train={demo_betons.train}", f"data.val={demo_betons.val}",
+                     f"init_unsafe={str(unsafe).lower()}")
+    _one_line_error(r, f"init='{init}': not a torch checkpoint, or a corrupt one (its pickle does not parse: "
+                       "Unsupported operand 0)")
+    assert "init_unsafe" not in r.stderr

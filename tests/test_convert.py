@@ -1,6 +1,7 @@
 """data_prep/write_ffcv.py: round trip, skipped files, atomic output, flat val labels, CLI errors."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -218,3 +219,77 @@ def test_cli_converts_and_prints_summary(demo_betons, tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(f"wrote {out}: 10 images, 10 classes")
     assert read_beton(out, with_images=False)[1].tolist() == list(range(10))  # --limit takes classes in turn
+
+
+def _gradient_jpeg(path: Path, size: tuple[int, int], exif: Image.Exif | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ramp = np.linspace(0, 255, size[0], dtype=np.uint8)  # smooth: a small file, whatever its pixels
+    Image.fromarray(np.stack([np.tile(ramp, (size[1], 1))] * 3, axis=-1)).save(path, exif=exif or Image.Exif())
+
+
+def _stored_sizes(beton: Path) -> list[tuple[int, int]]:
+    from ffcv.reader import Reader
+
+    meta = Reader(str(beton)).metadata["f0"]  # fields in order: image, label
+    return [(int(w), int(h)) for w, h in zip(meta["width"], meta["height"])]
+
+
+def test_raw_image_larger_than_ffcvs_default_page_is_written(tmp_path):
+    # 2000x1500 raw pixels are 9 MB, over ffcv's 8 MiB page: its worker died and the writer waited
+    # forever; the timeout is what proves there is no hang
+    src, out = tmp_path / "src", tmp_path / "o.beton"
+    _gradient_jpeg(src / "big" / "photo.jpg", (2000, 1500))
+    _gradient_jpeg(src / "small" / "icon.jpg", (20, 16))
+    r = _cli("--src", str(src), "--out", str(out), "--max-res", "0", "--workers", "2")
+    assert r.returncode == 0, r.stderr
+    assert _stored_sizes(out) == [(2000, 1500), (20, 16)]
+
+
+def test_page_size_follows_the_largest_stored_image(tmp_path):
+    _gradient_jpeg(tmp_path / "a.jpg", (4000, 3000))
+    samples = [(str(tmp_path / "a.jpg"), 0)]
+    assert write_ffcv.page_size(samples, max_res=500) == 8 * 2**20  # ffcv's default holds 500x500
+    assert write_ffcv.page_size(samples, max_res=2000) == 16 * 2**20  # 2000x2000x3 = 12 MB, bound
+    assert write_ffcv.page_size(samples, max_res=None) == 64 * 2**20  # 36 MB, from the header
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_dies_ends_the_conversion_with_an_error(tmp_path, monkeypatch):
+    # any worker failure, here ffcv's own page-size error, must end the run rather than hang it
+    monkeypatch.setattr(write_ffcv, "page_size", lambda *a: write_ffcv.MIN_PAGE_SIZE)
+    _gradient_jpeg(tmp_path / "src" / "big" / "photo.jpg", (2000, 1500))
+    with pytest.raises(DatasetError, match=r"a writer worker died \(exit code 1; .*\): nothing written"):
+        convert(tmp_path / "src", tmp_path / "o.beton", max_res=0, **QUIET)
+    assert not (tmp_path / "o.beton").exists() and not list(tmp_path.glob(".o.beton.*"))
+
+
+def test_temp_files_of_killed_conversions_are_removed(demo_betons, tmp_path):
+    # a kill -9 runs no cleanup: the next conversion of the same output removes what it left, but
+    # not a temp whose process still runs (a second conversion at work)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale, live = tmp_path / f".o.beton.tmp{dead.pid}", tmp_path / f".o.beton.tmp{os.getppid()}"
+    other = tmp_path / f".x.beton.tmp{dead.pid}"
+    for f in (stale, live, other):
+        f.write_bytes(b"half a beton")
+    logged = []
+    convert(demo_betons.root / "val", tmp_path / "o.beton", workers=1, log=logged.append)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert f"removed {stale}, left by an earlier conversion that was killed" in logged
+
+
+@pytest.mark.parametrize("flag, stored", [(False, (40, 20)), (True, (20, 40))])
+def test_exif_orientation_is_ignored_unless_asked(tmp_path, flag, stored):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view
+    _gradient_jpeg(tmp_path / "src" / "c" / "phone.jpg", (40, 20), exif)
+    summary = convert(tmp_path / "src", tmp_path / "o.beton", exif_transpose=flag, **QUIET)
+    assert _stored_sizes(summary.out) == [stored]
+
+
+@pytest.mark.parametrize("out, reason", [("/proc/x.beton", "No such file or directory"),
+                                         ("/sys/x.beton", "Permission denied")])
+def test_cli_unwritable_out_is_one_line(demo_betons, out, reason):
+    r = _cli("--src", str(demo_betons.root / "val"), "--out", out)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == f"error: --out {out}: cannot write in {Path(out).parent} ({reason})"

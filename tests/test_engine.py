@@ -2,6 +2,7 @@
 import itertools
 import math
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -211,6 +212,43 @@ def test_load_latest_skips_a_corrupt_newest_checkpoint(tmp_path, capsys):
     state = checkpoint.load_latest(tmp_path)
     assert state["v"].item() == 1 and state["path"].endswith("ckpt_000000010.pt")
     assert "skipping unreadable ckpt_000000020.pt" in capsys.readouterr().err
+
+
+def _corrupt_middle(path: Path) -> None:
+    """4 KiB of random bytes in the middle: same size, still a zip, torch.load would not notice."""
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 4096] = torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def _weights(v: float) -> dict:
+    return {"w": torch.full((256, 256), v)}  # 256 KiB: the middle falls in the tensor data
+
+
+def test_load_latest_skips_a_checkpoint_corrupted_in_the_middle(tmp_path, capsys):
+    checkpoint.save(_weights(1.0), tmp_path, step=10, keep_last=3)
+    newest = checkpoint.save(_weights(2.0), tmp_path, step=20, keep_last=3)
+    _corrupt_middle(newest)
+    state = checkpoint.load_latest(tmp_path)
+    assert state["path"].endswith("ckpt_000000010.pt") and torch.equal(state["w"], _weights(1.0)["w"])
+    assert "skipping unreadable ckpt_000000020.pt: checksum mismatch in" in capsys.readouterr().err
+
+
+def test_a_folder_of_only_corrupt_checkpoints_stops_unless_restart(tmp_path, capsys):
+    for step in (100, 200):
+        _corrupt_middle(checkpoint.save(_weights(step), tmp_path, step=step, keep_last=2))
+    with pytest.raises(checkpoint.Unreadable, match=r"none of the 2 checkpoints in .* loads "
+                       r"\(ckpt_000000100.pt, ckpt_000000200.pt; .*checkpoint.restart=true"):
+        checkpoint.load_latest(tmp_path)
+    assert checkpoint.load_latest(tmp_path, restart=True) is None
+    # started over: the corrupt, higher-numbered files do not count towards keep_last, so the new
+    # checkpoints are not pruned away as soon as they are written
+    for step in (1, 2, 3):
+        checkpoint.save(_weights(step), tmp_path, step=step, keep_last=2)
+        assert checkpoint.load_latest(tmp_path)["path"].endswith(f"ckpt_{step:09d}.pt")
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == \
+        ["ckpt_000000002.pt", "ckpt_000000003.pt", "ckpt_000000100.pt", "ckpt_000000200.pt"]
 
 
 def test_keep_last_prunes_oldest_and_leaves_no_temp_files(tmp_path):

@@ -133,9 +133,36 @@ def test_divergence_stops_with_message_and_keeps_last_checkpoint(demo_betons, tm
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: loss is ") and "the last checkpoint" in last
+    assert last.startswith("error: loss is ")
+    assert last.endswith(f"the newest checkpoint, {good}, predates it: lower optim.blr, lengthen "
+                         "optim.warmup_epochs or set optim.clip_grad (the run is already in fp32)")
     assert checkpoint.list_checkpoints(run_dir) == [good]
     assert good.read_bytes() == before
+
+    r = subprocess.run(cmd + small(demo_betons, tmp_path / "fresh", "optim.lr=1e30", "log.every_steps=1"),
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "; no checkpoint was written before it: " in r.stderr.strip().splitlines()[-1]
+
+
+def test_a_run_folder_of_only_corrupt_checkpoints_stops_unless_restart(demo_betons, tmp_path):
+    run_dir = tmp_path / "run"
+    for step in (4, 8):  # garbage under checkpoint names: a bad disk, a botched copy
+        path = checkpoint.checkpoint_dir(run_dir) / f"ckpt_{step:09d}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    cmd = [sys.executable, "-m", "fastssl.pretrain", str(PRETRAIN), *small(demo_betons, run_dir, "epochs=1")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: none of the 2 checkpoints in {run_dir / 'checkpoints'} loads (ckpt_000000004.pt, "
+        "ckpt_000000008.pt; reasons above): set checkpoint.restart=true to start this run over from "
+        "step 0 in the same folder")
+    assert len(checkpoint.list_checkpoints(run_dir)) == 2
+
+    r = subprocess.run(cmd + ["checkpoint.restart=true"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert checkpoint.load_latest(run_dir)["progress"]["epoch"] == 1
 
 
 def test_linear_probe_trains_head_only(pretrained, demo_betons, tmp_path):

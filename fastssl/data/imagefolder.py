@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # torchvision's IMG_EXTENSIONS: files with other suffixes are listed as skipped, not decoded.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -35,19 +35,21 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def load_rgb(path: str) -> Image.Image:
-    """Fully decoded RGB image. Raises on truncated or unreadable files."""
+def load_rgb(path: str, exif_transpose: bool = False) -> Image.Image:
+    """Fully decoded RGB image. Raises on truncated or unreadable files. The pixels as stored, unless
+    ``exif_transpose``: then turned upright by the EXIF Orientation tag, as a photo viewer shows them."""
     with Image.open(path) as im:
-        return im.convert("RGB")
+        return (ImageOps.exif_transpose(im) if exif_transpose else im).convert("RGB")
 
 
-def open_checked(path: str, max_res: int | None = None) -> tuple[Image.Image | None, str | None]:
+def open_checked(path: str, max_res: int | None = None,
+                 exif_transpose: bool = False) -> tuple[Image.Image | None, str | None]:
     """(the fully decoded RGB image, None) if ``path`` can be written, else (None, a short reason).
 
     Decodes the whole file (:func:`load_rgb`): ``Image.verify`` alone misses truncated JPEGs.
     """
     try:
-        im = load_rgb(path)
+        im = load_rgb(path, exif_transpose)
     except UnidentifiedImageError:
         return None, "not a readable image"
     except Exception as e:  # noqa: BLE001 -- any decoder failure means "skip this file"

@@ -16,11 +16,13 @@ import argparse
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from fastssl import atomic
 from fastssl.errors import ConfigError
 from fastssl.models import SIZES, build_vit_encoder, encoder_state_dict, load_encoder, scalenet
 
@@ -43,12 +45,20 @@ def read(path: str, key: str = "init", unsafe: bool = False, opt_in: str = "") -
             return load_file(path)
         except Exception as e:
             raise ConfigError(f"{key}={path!r}: not a readable safetensors file ({e})") from None
+    if zipfile.is_zipfile(path):  # torch's format: torch.load does not check the records' CRC-32s
+        problem = atomic.verify_archive(Path(path))
+        if problem is not None:
+            raise ConfigError(f"{key}={path!r}: a corrupt torch file: {problem}")
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = _UNSUPPORTED.search(str(e))
-        what = found.group(1) if found else "objects outside the weights-only allow-list"
+        if found is None:  # not a pickle of objects it refuses, but bytes it cannot parse
+            detail = str(e).split("WeightsUnpickler error:")[-1].strip().splitlines()[0]
+            raise ConfigError(f"{key}={path!r}: not a torch checkpoint, or a corrupt one (its pickle "
+                              f"does not parse: {detail})") from None
+        what = found.group(1)
         if not unsafe:
             raise ConfigError(
                 f"{key}={path!r}: holds {what}, which only arbitrary unpickling can rebuild (it can run "

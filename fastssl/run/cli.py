@@ -11,12 +11,13 @@ from typing import Callable, Iterator, TypeVar
 
 from fastssl import atomic
 from fastssl.config import RunConfig, load_config, to_dict
-from fastssl.data import jpeg_crop, make_eval_loader, make_pretrain_loader
+from fastssl.data import beton, jpeg_crop, make_eval_loader, make_pretrain_loader
 from fastssl.errors import ConfigError, NonFiniteLoss
 from fastssl.run import dist
+from fastssl.train import checkpoint
 from fastssl.train.logger import RunLogger
 
-C = TypeVar("C")
+C = TypeVar("C", bound=RunConfig)
 
 
 def parse(cls: type[C], prog: str, description: str, argv: list[str] | None) -> C:
@@ -32,18 +33,22 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
     """Parse, validate, run; a user mistake is one line on stderr and exit 2, never a traceback."""
     try:
         cfg = parse(cls, prog, description, argv)
+        cfg.check_run_dir()
         run(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)  # as argparse does for bad arguments
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, checkpoint.Unreadable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
 
-def require_file(key: str, path: str) -> None:
+def require_beton(key: str, path: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"{key}={path!r}: no such file")
+    problem = beton.what_is_wrong(path)
+    if problem is not None:
+        raise ConfigError(f"{key}={path!r}: {problem}")
 
 
 def start(cfg: RunConfig, split_batch: bool = True,
@@ -60,19 +65,22 @@ def start(cfg: RunConfig, split_batch: bool = True,
         cfg.validate_world(info.world_size)
     if check is not None:
         check(info)
-    require_file("data.train", cfg.data.train)
+    require_beton("data.train", cfg.data.train)
     if cfg.data.val:
-        require_file("data.val", cfg.data.val)
+        require_beton("data.val", cfg.data.val)
     return info
 
 
 def train_loader(cfg: RunConfig, info: dist.DistInfo, **augment):
-    """The recipe's training loader (random resized crop + flip; `augment`: e.g. its `scale`)."""
-    return make_pretrain_loader(
+    """The recipe's training loader (random resized crop + flip; `augment`: e.g. its `scale`); a batch
+    size that leaves fewer batches than one optimizer step stops here, before the run folder exists."""
+    loader = make_pretrain_loader(
         cfg.data.train, batch_size=cfg.micro_batch(info.world_size), res=cfg.data.res,
         num_workers=cfg.data.num_workers, seed=cfg.seed, distributed=info.distributed, device=info.device,
         os_cache=cfg.data.os_cache, crop_decode=cfg.data.crop_decode, **augment,
     )
+    cfg.check_batches(len(loader))
+    return loader
 
 
 def val_loader(cfg: RunConfig, info: dist.DistInfo):

@@ -28,6 +28,19 @@ from fastssl.train.logger import RunLogger
 from fastssl.train.progressive import Schedule, Stage, batch_split
 
 
+def _nonfinite_advice(cfg: RunConfig) -> str:
+    """Which checkpoint a rerun resumes from (each is written after a finite-loss check), and what
+    fits the run's precision: fp16 overflows where bf16, with fp32's exponent range, does not."""
+    latest = checkpoint.latest_valid(cfg.run_dir)
+    where = (f"the newest checkpoint, {latest}, predates it" if latest is not None
+             else "no checkpoint was written before it")
+    advice = ("lower optim.blr or use precision=bf16 (fp16 overflows where bf16 does not)"
+              if cfg.precision == "fp16"
+              else f"lower optim.blr, lengthen optim.warmup_epochs or set optim.clip_grad "
+                   f"(the run is already in {cfg.precision})")
+    return f"{where}: {advice}"
+
+
 class EpochLoader(Protocol):
     def __len__(self) -> int: ...
     def __iter__(self) -> Iterable: ...
@@ -143,7 +156,7 @@ class TrainState:
 
 def resume(cfg: RunConfig, info: dist.DistInfo, state: TrainState) -> None:
     """From the run folder's newest valid checkpoint, if it has one."""
-    resumed = checkpoint.load_latest(cfg.run_dir)
+    resumed = checkpoint.load_latest(cfg.run_dir, restart=cfg.checkpoint.restart)
     if resumed is None:
         return
     state.load_state_dict(resumed)
@@ -195,8 +208,7 @@ class LogWindow:
         if not math.isfinite(mean):
             raise NonFiniteLoss(
                 f"loss is {mean} at epoch {progress.epoch}, step {progress.step} "
-                f"(lr {optimizer.param_groups[0]['lr']:.3g}); the last checkpoint in "
-                f"{checkpoint.checkpoint_dir(self.cfg.run_dir)} is intact: lower the lr or use fp32/bf16"
+                f"(lr {optimizer.param_groups[0]['lr']:.3g}); {_nonfinite_advice(self.cfg)}"
             )
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         metrics = {"train/loss": mean, "lr": optimizer.param_groups[0]["lr"], "epoch": progress.epoch,
@@ -253,12 +265,8 @@ def fit(
     """Train to `cfg.epochs`, resuming from the run folder. `extra_state` objects (an EMA, a best-
     metric tracker) are saved in every checkpoint under their names and restored on resume. With
     `flops_per_image` (training FLOPs at a stage) and a known device peak, each log line has the MFU."""
+    cfg.check_batches(len(loader))
     micro_per_epoch = (len(loader) // cfg.accum_steps) * cfg.accum_steps
-    if micro_per_epoch == 0:
-        raise ValueError(
-            f"batch_size={cfg.batch_size}: the training set gives fewer than accum_steps={cfg.accum_steps} "
-            f"batches per process; lower batch_size"
-        )
     steps_per_epoch = micro_per_epoch // cfg.accum_steps
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)

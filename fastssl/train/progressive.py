@@ -177,4 +177,12 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
                        f"res {smallest} has {(smallest // patch) ** 2} patches, fewer than the {visible} "
                        f"visible tokens of the final stage")
         schedule.visible = visible
+    for first, _, st in schedule.segments(cfg.epochs):  # the encoder needs at least one visible token
+        if len_keep((st.res // patch) ** 2, st.mask_ratio) < 1:
+            key = ("progressive.ramp.min_res" if p.ramp is not None
+                   else f"progressive.stages[{bisect.bisect_right(starts, first) - 1}].res" if p.stages
+                   else "data.res")
+            raise _err(key, st.res, f"at mask ratio {st.mask_ratio}, its {(st.res // patch) ** 2} patch(es) of "
+                                    f"{patch} px leave no visible token (from epoch {first}); raise the resolution "
+                                    "or lower the mask ratio")
     return schedule
