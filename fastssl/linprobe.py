@@ -1,7 +1,7 @@
 """Linear probe (MAE protocol): `python -m fastssl.linprobe RECIPE init=CKPT [key=value ...]`.
 
 Frozen encoder, its cls token (or average pool) -> BatchNorm1d(affine=False, eps=1e-6) -> Linear
-(trunc-normal std 0.01), trained with LARS on RRC + flip; top-1/top-5 on the val split.
+(trunc-normal std 0.01), trained with LARS on RRC + flip (`crop_scale`, `flip_prob`); top-1/top-5 on the val split.
 `init=random` probes a randomly initialised encoder, the floor a pretrained one must beat.
 
 Fast path (`cache_views=K`): the encoder runs once per view instead of once per epoch. View k holds
@@ -136,6 +136,7 @@ def run(cfg: LinProbeConfig) -> dict:
     train = make_pretrain_loader(
         cfg.data.train, batch_size=per_process_batch, res=cfg.data.res, num_workers=cfg.data.num_workers,
         seed=cfg.seed, distributed=info.distributed, device=info.device, os_cache=cfg.data.os_cache,
+        scale=cfg.crop_scale, flip_prob=cfg.flip_prob,
     )
     val = make_eval_loader(cfg.data.val, batch_size=per_process_batch, res=cfg.data.res,
                            num_workers=cfg.data.num_workers, distributed=info.distributed, device=info.device)
