@@ -2,10 +2,12 @@
 pretrained further, vs an 8-block micro MAE pretrained from scratch for the same epochs (equal extra
 compute: same depth, steps and batch), by linear-probe top-1; the 4-block base is probed too.
 
-    python benchmarks/scalenet_demo.py [--base-epochs N] [--epochs N] [--probe-epochs N] [--out runs/bench_scalenet]
+    python benchmarks/scalenet_demo.py [--base-epochs N] [--epochs N] [--probe-epochs N] [--seeds 0 1 2] \
+        [--out runs/bench_scalenet]
 
 Runs the commands a user types (`python -m fastssl.pretrain`, `python -m fastssl.expand`,
-`python -m fastssl.linprobe`), prints a table and writes `<out>/results.json`. The probe is the
+`python -m fastssl.linprobe`) for each seed, prints a table (top-1 mean ± half the range over seeds)
+and writes benchmarks/results/scalenet_demo.json after every seed. The probe is the
 cached-feature one (4 augmented views; benchmarks/linprobe_cache.py compares it with the live one):
 three live probes of the 8-block encoders would take most of an hour on 2 CPU cores. An interrupted
 run resumes with the same arguments (every command resumes from its run folder); "train s" is the
@@ -15,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import print_table, write_results  # noqa: E402
 from benchmarks.progressive_demo import python  # noqa: E402
 from fastssl.demo import make_demo_betons  # noqa: E402
 from fastssl.train import checkpoint  # noqa: E402
@@ -37,6 +41,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=13, help="extra epochs at depth 8, both arms")
     p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default: the recipe's)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = p.parse_args()
     out = (ROOT / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -48,6 +53,17 @@ def main() -> None:
     train, val = make_demo_betons((ROOT / args.data).resolve())
     common = [f"data.train={train}", f"data.val={val}", "log.wandb=disabled", "log.progress=false",
               "log.recon_every_epochs=0"]
+    runs = []
+    for seed in args.seeds:
+        runs += [{"seed": seed, **r} for r in one_seed(out / f"seed_{seed}", [*common, f"seed={seed}"], args)]
+        report(runs)
+
+
+ARMS = ("base", "scalenet", "scratch")
+
+
+def one_seed(out: Path, common: list[str], args: argparse.Namespace) -> list[dict]:
+    """The three arms for one seed (weights, data order, crops, probe head), each probed."""
 
     def latest(run: str) -> Path:
         return checkpoint.list_checkpoints(out / run)[-1]
@@ -70,15 +86,27 @@ def main() -> None:
            f"epochs={args.epochs}", *common)
     python("-m", "fastssl.pretrain", PRETRAIN, f"run_dir={out / 'scratch'}", "model.depth=8",
            f"epochs={args.epochs}", "optim.warmup_epochs=1", *common)
-    rows = {run: {"depth": depth, "epochs": epochs, "train_s": train_s(run), "linprobe_top1": probe(run)}
-            for run, depth, epochs in [("base", 4, args.base_epochs), ("scalenet", 8, args.epochs),
-                                       ("scratch", 8, args.epochs)]}
-    print(f"\n{'run':<9} {'depth':>5} {'epochs':>6} {'train s':>8} {'LP top-1':>8}")
-    for run, r in rows.items():
-        print(f"{run:<9} {r['depth']:>5} {r['epochs']:>6} {r['train_s']:>8.1f} {r['linprobe_top1']:>7.2f}%")
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
-    print(f"wrote {out / 'results.json'}")
+    return [{"run": run, "depth": depth, "epochs": epochs, "train_s": train_s(run), "linprobe_top1": probe(run)}
+            for run, depth, epochs in zip(ARMS, (4, 8, 8), (args.base_epochs, args.epochs, args.epochs))]
 
+
+def report(runs: list[dict]) -> None:
+    """The table over the seeds run so far, and benchmarks/results/scalenet_demo.json."""
+    rows = []
+    for run in ARMS:
+        mine = [r for r in runs if r["run"] == run]
+        top1 = [r["linprobe_top1"] for r in mine]
+        rows.append({"run": run, "depth": mine[0]["depth"], "epochs": mine[0]["epochs"],
+                     "train_s_mean": statistics.mean(r["train_s"] for r in mine), "linprobe_top1": top1,
+                     "linprobe_top1_mean": statistics.mean(top1),
+                     "linprobe_top1_half_range": (max(top1) - min(top1)) / 2})
+    seeds = sorted({r["seed"] for r in runs})
+    print_table(f"ScaleNet on the demo, seeds {seeds}", ["run", "depth", "epochs", "train s", "LP top-1 per seed",
+                                                          "LP top-1 mean"],
+                [[r["run"], r["depth"], r["epochs"], f"{r['train_s_mean']:.0f}",
+                  " ".join(f"{t:.2f}" for t in r["linprobe_top1"]),
+                  f"{r['linprobe_top1_mean']:.2f} ±{r['linprobe_top1_half_range']:.2f}"] for r in rows])
+    print(f"wrote {write_results('scalenet_demo', {'seeds': seeds, 'probe': PROBE, 'rows': rows, 'runs': runs})}")
 
 if __name__ == "__main__":
     main()

@@ -296,12 +296,14 @@ class LinProbeConfig(EvalConfig):
     # One head per entry, trained together at entry x lr on the same features (an lr sweep in one
     # run); results.json reports each, and the best on val.
     lr_scales: list[float] = field(default_factory=lambda: [1.0])
+    flip_prob: float = 0.5  # the train views' horizontal flips (MAE: RRC + flip)
 
     def validate(self) -> None:
         super().validate()
         _check(self.cache_views >= 0, "cache_views", self.cache_views, "must be >= 0")
         _check(0 < self.crop_scale[0] <= self.crop_scale[1] <= 1, "crop_scale", list(self.crop_scale),
                "must be [lo, hi] with 0 < lo <= hi <= 1")
+        _check(0 <= self.flip_prob <= 1, "flip_prob", self.flip_prob, "must be in [0, 1]")
         _check(bool(self.lr_scales) and all(s > 0 for s in self.lr_scales), "lr_scales", self.lr_scales,
                "must be a non-empty list of numbers > 0")
 

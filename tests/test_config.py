@@ -54,6 +54,24 @@ def test_bad_values_name_the_key(override, message):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    (["crop_scale=[0.9,0.5]"], "crop_scale=[0.9, 0.5]: must be [lo, hi] with 0 < lo <= hi <= 1"),
+    (["crop_scale=[0,1]"], "crop_scale=[0.0, 1.0]: must be [lo, hi] with 0 < lo <= hi <= 1"),
+    (["flip_prob=1.5"], "flip_prob=1.5: must be in [0, 1]"),
+])
+def test_bad_probe_augmentation_names_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(LinProbeConfig, ROOT / "recipes/linprobe_vit_base.yaml", ["init=random", *override])
+    assert message in str(e.value)
+
+
+def test_imagenet_probe_keeps_rrc_and_flip_and_only_the_demo_probe_departs():
+    imagenet = load_config(LinProbeConfig, ROOT / "recipes/linprobe_vit_base.yaml", ["init=random"])
+    demo = load_config(LinProbeConfig, ROOT / "recipes/demo/linprobe_cpu.yaml", ["init=random"])
+    assert (imagenet.crop_scale, imagenet.flip_prob) == ((0.2, 1.0), 0.5)
+    assert (demo.crop_scale, demo.flip_prob) == ((0.8, 1.0), 0.0)
+
+
 def test_batch_must_split_over_processes():
     cfg = load_config(PretrainConfig, ROOT / "recipes/mae_vit_base_800ep.yaml", ["batch_size=100", "accum_steps=2"])
     cfg.validate_world(1)

@@ -191,6 +191,7 @@ def test_demo_end_to_end(tmp_path):
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "pretrained MAE encoder" in r.stdout and "random encoder" in r.stdout
+    assert "kNN" in r.stdout and "raw pixels, logistic regression" in r.stdout
     assert (tmp_path / "data" / "train.beton").exists() and (tmp_path / "data" / "val.beton").exists()
     assert list((tmp_path / "runs" / "pretrain" / "wandb").glob("offline-run-*"))
 

@@ -1,7 +1,7 @@
 """Linear probe (MAE protocol): `python -m fastssl.linprobe RECIPE init=CKPT [key=value ...]`.
 
 Frozen encoder, its cls token (or average pool) -> BatchNorm1d(affine=False, eps=1e-6) -> Linear
-(trunc-normal std 0.01), trained with LARS on RRC + flip; top-1/top-5 on the val split.
+(trunc-normal std 0.01), trained with LARS on RRC + flip (`crop_scale`, `flip_prob`); top-1/top-5 on the val split.
 `init=random` probes a randomly initialised encoder, the floor a pretrained one must beat.
 
 Fast path (`cache_views=K`): the encoder runs once per view instead of once per epoch. View k holds
@@ -132,7 +132,7 @@ def run(cfg: LinProbeConfig) -> dict:
     groups = [{"params": fc.parameters(), "lr_scale": s} for fc, s in zip(head.fc, cfg.lr_scales)]
     optimizer = optim.LARS(groups, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
     per_process_batch = cfg.micro_batch(info.world_size)
-    train, val = cli.train_loader(cfg, info, scale=tuple(cfg.crop_scale)), cli.val_loader(cfg, info)
+    train, val = cli.train_loader(cfg, info, scale=tuple(cfg.crop_scale), flip_prob=cfg.flip_prob), cli.val_loader(cfg, info)
 
     def loss_fn(m, x, labels, stage) -> torch.Tensor:
         logits = m(x)  # (heads, B, C): the sum keeps each head's gradient its own
