@@ -68,7 +68,7 @@ def test_bad_probe_augmentation_names_the_key(override, message):
 def test_imagenet_probe_keeps_rrc_and_flip_and_only_the_demo_probe_departs():
     imagenet = load_config(LinProbeConfig, ROOT / "recipes/linprobe_vit_base.yaml", ["init=random"])
     demo = load_config(LinProbeConfig, ROOT / "recipes/demo/linprobe_cpu.yaml", ["init=random"])
-    assert (imagenet.crop_scale, imagenet.flip_prob) == ((0.2, 1.0), 0.5)
+    assert (imagenet.crop_scale, imagenet.flip_prob) == ((0.08, 1.0), 0.5)  # MAE main_linprobe.py
     assert (demo.crop_scale, demo.flip_prob) == ((0.8, 1.0), 0.0)
 
 
