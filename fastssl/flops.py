@@ -5,7 +5,7 @@ Counts matrix-multiply FLOPs (2 per multiply-add; norms, softmax and GELU are no
 forward, except the patch embedding, whose input needs no gradient). With `mask_views` K, per image
 the patch embedding runs once and the encoder and decoder K times (once per view). Prints each
 stage and the ratio to the same recipe without progression (full depth, `data.res`, `mask_ratio`
-throughout, one view), and with `--versus RECIPE` the ratio to another recipe's total.
+throughout, as many views), and with `--versus RECIPE` the ratio to another recipe's total.
 """
 from __future__ import annotations
 
@@ -71,7 +71,8 @@ def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:
         rows.append({"epochs": [start, end], "res": stage.res, "mask_ratio": round(stage.mask_ratio, 4),
                      "depth": stage.depth, "views": stage.mask_views, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
                      "gflops_per_image": per_image / 1e9, "flops": per_image * images * (end - start)})
-    base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio)) * images * cfg.epochs
+    base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio, mask_views=cfg.mask_views))
+    base *= images * cfg.epochs
     total = sum(r["flops"] for r in rows)
     return {"stages": rows, "total": total, "baseline": base, "ratio": total / base}
 

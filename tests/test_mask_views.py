@@ -150,8 +150,8 @@ def test_flops_count_encoder_and_decoder_per_view_and_embedding_once():
     fast = cfg_of(ROOT / "recipes/mae_vit_base_800ep_fast.yaml")
     fast2 = cfg_of(ROOT / "recipes/mae_vit_base_800ep_fast.yaml", "mask_views=2")
     a, b = flops.recipe_flops(fast), flops.recipe_flops(fast2)
-    assert [r["views"] for r in b["stages"]] == [2] * 4 and a["baseline"] == b["baseline"]  # baseline: one view
-    assert 1.9 < b["total"] / a["total"] < 2.0  # the embedding is not repeated
+    assert [r["views"] for r in b["stages"]] == [2] * 4
+    assert 1.9 < b["total"] / a["total"] < 2.0 and 1.9 < b["baseline"] / a["baseline"] < 2.0  # one embedding
 
 
 def demo_args(betons, run_dir, *extra):
