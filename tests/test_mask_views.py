@@ -13,7 +13,7 @@ import torch
 
 from fastssl import checkpoint, cli, flops, pretrain, progressive
 from fastssl.config import ConfigError, PretrainConfig, load_config
-from fastssl.models import build_mae, len_keep, mae, max_views, random_masking
+from fastssl.models import build_mae, growth, len_keep, mae, max_views, random_masking, scalenet
 from tests.test_progressive_pretrain import _equal, _flatten
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +74,27 @@ def test_one_view_is_bitwise_the_mae_loss_and_gradient(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ours[1], ref[1], strict=True))
 
 
-def test_gradient_is_the_average_of_separate_forward_passes():
+def _two_block_plan(model):
+    growth.apply_plan(model, [0, 1])
+
+
+def _scalenet_8(model):
+    scalenet.expand(model, 8)
+    for name, p in model.named_parameters():  # adapters start at zero: give them a gradient path
+        if scalenet.is_adapter(name):
+            torch.nn.init.normal_(p, std=0.02)
+
+
+@pytest.mark.parametrize("hw, prepare", [((32, 32), None), ((48, 32), _two_block_plan), ((32, 32), _scalenet_8)],
+                         ids=["square", "non-square-2-blocks", "scalenet"])
+def test_gradient_is_the_average_of_separate_forward_passes(hw, prepare):
     torch.manual_seed(0)
     model = build_mae("micro", img_size=32, patch_size=8)
-    imgs, noise, views, keep = torch.randn(3, 3, 32, 32), torch.rand(3, 16), 4, 4
+    if prepare is not None:
+        prepare(model)
+    patches = hw[0] * hw[1] // 64
+    views, keep = 4, len_keep(patches, 0.75)
+    imgs, noise = torch.randn(3, 3, *hw), torch.rand(3, patches)
 
     def grads(loss):
         model.zero_grad()
@@ -89,7 +106,8 @@ def test_gradient_is_the_average_of_separate_forward_passes():
     order = torch.argsort(noise, dim=1)
     separate, losses = [], []
     for k in range(views):  # a one-view noise whose lowest `keep` values are view k's run
-        noise_k = torch.empty_like(noise).scatter_(1, order.roll(-k * keep, dims=1), torch.arange(16.0).expand(3, -1))
+        ranks = torch.arange(float(patches)).expand(3, -1)
+        noise_k = torch.empty_like(noise).scatter_(1, order.roll(-k * keep, dims=1), ranks)
         losses.append(model(imgs, mask_ratio=0.75, noise=noise_k)[0])
         separate.append(grads(losses[-1]))
     assert joint_loss.item() == pytest.approx(sum(x.item() for x in losses) / views, rel=1e-6)
