@@ -172,6 +172,17 @@ def test_flops_count_encoder_and_decoder_per_view_and_embedding_once():
     assert 1.9 < b["total"] / a["total"] < 2.0 and 1.9 < b["baseline"] / a["baseline"] < 2.0  # one embedding
 
 
+def test_two_view_fast_recipe_matches_the_fast_recipe_in_flops(capsys):
+    recipe = ROOT / "recipes/mae_vit_base_400ep_fast_2views.yaml"
+    flops.main([str(recipe), "--versus", str(ROOT / "recipes/mae_vit_base_800ep_fast.yaml")])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{recipe}: MAE-base/16, 400 epochs") and " views " in out[1]
+    assert out[-1] == f"ratio to {ROOT / 'recipes/mae_vit_base_800ep_fast.yaml'}: 0.995x"
+    ours, baseline = (flops.recipe_flops(cfg_of(ROOT / f"recipes/{r}.yaml"))["total"]
+                      for r in ("mae_vit_base_400ep_fast_2views", "mae_vit_base_800ep"))
+    assert round(ours / baseline, 3) == 0.378  # as the recipe's header says
+
+
 def demo_args(betons, run_dir, *extra):
     return [f"run_dir={run_dir}", f"data.train={betons.train}", f"data.val={betons.val}", "batch_size=32",
             "data.res=32", "log.wandb=disabled", "log.progress=false", "log.recon_every_epochs=0",
