@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
         images = steps * cfg.batch_size  # decoded over the run (drop_last batches)
         f = flops.recipe_flops(cfg, images // cfg.epochs)
         loader = [x["loader_img_per_s"] for x in m]
-        rows[k] = {"views": k, "epochs": cfg.epochs, "steps": steps, "images_decoded": images, "views_trained": images * k,
+        rows[k] = {"views": k, "epochs": cfg.epochs, "steps": steps, "images_decoded": images,
+                   "views_trained": images * k,
                    "flops": f["total"], "wall_s": spread([x["wall_s"] for x in m]),
                    "loop_s": spread([x["loop_s"] for x in m]), "loader_img_per_s": spread(loader),
                    "top1": spread([x["top1"] for x in m]), "per_seed": m}

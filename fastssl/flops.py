@@ -69,7 +69,8 @@ def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:
     for start, end, stage in from_config(cfg).segments(cfg.epochs):
         per_image = train_flops_per_image(size, patch, stage)
         rows.append({"epochs": [start, end], "res": stage.res, "mask_ratio": round(stage.mask_ratio, 4),
-                     "depth": stage.depth, "views": stage.mask_views, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
+                     "depth": stage.depth, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
+                     "views": stage.mask_views,
                      "gflops_per_image": per_image / 1e9, "flops": per_image * images * (end - start)})
     base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio, mask_views=cfg.mask_views))
     base *= images * cfg.epochs
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{'EFLOPs':>8} {'share':>6}")
     for r in out["stages"]:
         a, b = r["epochs"]
-        print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['views']:>5} {r['depth']:>5} "
-              f"{r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
+        print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['views']:>5} "
+              f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
     print(f"total {out['total'] / 1e18:.1f} EFLOPs; fixed-size baseline {out['baseline'] / 1e18:.1f} EFLOPs; "
           f"ratio {out['ratio']:.3f}x")
     if other is not None:
