@@ -243,6 +243,9 @@ class PretrainConfig(RunConfig):
     # weight decay on cls_token and mask_token, as MAE's pretraining; false: none, as timm (and
     # runs started before this option: their optimizer state has the tokens in the no-decay group)
     decay_tokens: bool = True
+    # K disjoint masked views of each image (DMJD): K x the encoder/decoder work per image, one decode.
+    # batch_size, steps per epoch and the LR rule count images; the loss is the mean over views.
+    mask_views: int = 1
     init: str = ""  # start from these weights (a fresh run only; resume always wins)
     init_unsafe: bool = False  # allow arbitrary unpickling of `init` (only for files you trust)
     knn: KNNConfig = field(default_factory=KNNConfig)
@@ -252,6 +255,7 @@ class PretrainConfig(RunConfig):
     def validate(self) -> None:
         super().validate()
         _check(0.0 <= self.mask_ratio < 1.0, "mask_ratio", self.mask_ratio, "must be in [0, 1)")
+        _check(self.mask_views >= 1, "mask_views", self.mask_views, "must be >= 1")
         _check(bool(self.data.train), "data.train", self.data.train, "must name a .beton file")
         self.knn.validate()
         _check(not self.knn.every_epochs or bool(self.data.val), "data.val", self.data.val,

@@ -1,5 +1,5 @@
 """MAE and its timm-compatible ViT encoder."""
-from .mae import MaskedAutoencoderViT, build_mae, len_keep, random_masking
+from .mae import MaskedAutoencoderViT, build_mae, len_keep, max_views, random_masking
 from .sizes import SIZES, ViTSize, get_size
 from .vit import build_vit_encoder, encoder_state_dict, load_encoder
 
@@ -13,5 +13,6 @@ __all__ = [
     "get_size",
     "len_keep",
     "load_encoder",
+    "max_views",
     "random_masking",
 ]

@@ -7,7 +7,9 @@ Parameter names are theirs, so their checkpoints load unchanged, and the encoder
   grid only so state dicts match theirs, and forward never reads them;
 - the encoder runs `self.layer_plan` (executed position -> block index) for progressive depth,
   and a block in `gated_blocks` adds only `block_gate[i]` of its residual update (see `growth.py`);
-- `noise` makes the masking reproducible.
+- `noise` makes the masking reproducible;
+- `views` = K > 1 trains K disjoint masked views of each image (DMJD's disjoint masking, Zhang et al.
+  2022): the encoder and decoder see K*N sequences, the loss is the mean over views.
 """
 from functools import partial
 
@@ -26,18 +28,32 @@ def len_keep(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
-def random_masking(
-    x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Keep the `len_keep` tokens with the lowest noise, per sample.
+def max_views(num_patches: int, mask_ratio: float) -> int:
+    """Most disjoint masked views of `num_patches` tokens: each keeps `len_keep` of them visible."""
+    return num_patches // max(len_keep(num_patches, mask_ratio), 1)
 
-    Returns (kept tokens (N, len_keep, D), mask (N, L) with 1 = removed, ids_restore (N, L)).
+
+def random_masking(
+    x: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None, views: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the `len_keep` tokens with the lowest noise, per sample. With `views` = K > 1, K masked
+    views of each sample with disjoint visible sets: view k keeps the tokens ranked k*len_keep ..
+    (k+1)*len_keep - 1 by the same noise, so one (N, L) draw serves every view.
+
+    Returns (kept tokens (K*N, len_keep, D), mask (K*N, L) with 1 = removed, ids_restore (K*N, L)),
+    view-major: rows k*N .. (k+1)*N - 1 are view k.
     """
     n, num_patches, dim = x.shape
     keep = len_keep(num_patches, mask_ratio)
+    if views * keep > num_patches:
+        raise ValueError(f"views={views}: {views} x {keep} visible tokens exceed {num_patches} patches "
+                         f"(at most {max_views(num_patches, mask_ratio)} views at mask_ratio={mask_ratio})")
     if noise is None:
         noise = torch.rand(n, num_patches, device=x.device)
     ids_shuffle = torch.argsort(noise, dim=1)
+    if views > 1:  # view k: the permutation rotated to start at its run (the masked rest's order is moot)
+        ids_shuffle = torch.cat([ids_shuffle.roll(-k * keep, dims=1) for k in range(views)])
+        x = x.repeat(views, 1, 1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)  # rank of each patch in the shuffle
     x_kept = torch.gather(x, 1, ids_shuffle[:, :keep, None].expand(-1, -1, dim))
     mask = (ids_restore >= keep).float()
@@ -139,12 +155,13 @@ class MaskedAutoencoderViT(nn.Module):
         return cached_pos_embed(param.shape[-1], *grid, param.device, param.dtype)
 
     def forward_encoder(
-        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None
+        self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None, views: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (latent (N, 1 + len_keep, D) with cls first, mask (N, L), ids_restore (N, L))."""
+        """Returns (latent (K*N, 1 + len_keep, D) with cls first, mask (K*N, L), ids_restore (K*N, L))
+        for K = `views` disjoint masked views of the N images (`random_masking`)."""
         pos = self._pos_table(self.pos_embed, self.grid_size(imgs))
-        x = self.patch_embed(imgs) + pos[:, 1:]
-        x, mask, ids_restore = random_masking(x, mask_ratio, noise)
+        x = self.patch_embed(imgs) + pos[:, 1:]  # once per image, whatever the views
+        x, mask, ids_restore = random_masking(x, mask_ratio, noise, views)
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for i in self._layer_plan:
@@ -168,21 +185,26 @@ class MaskedAutoencoderViT(nn.Module):
 
     def forward_loss(self, imgs: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean over removed patches of the per-patch pixel MSE (against per-patch normalised
-        pixels with `norm_pix_loss`)."""
+        pixels with `norm_pix_loss`). With K views (`pred` has K*N rows) every view removes the same
+        number of patches per image, so this is the mean over views of each view's MAE loss."""
         target = self.patchify(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
+        views = pred.shape[0] // target.shape[0]
+        if views > 1:
+            target = target.repeat(views, 1, 1)
         # float32 whatever the autocast dtype: a bf16 squared error loses the small residuals.
         loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)
         return (loss * mask).sum() / mask.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None
+        self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None, views: int = 1
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (loss (scalar), pred (N, L, p*p*C), mask (N, L) with 1 = removed)."""
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise)
+        """Returns (loss (scalar), pred (K*N, L, p*p*C), mask (K*N, L) with 1 = removed) for K =
+        `views` disjoint masked views of each image (view-major rows)."""
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, noise, views)
         pred = self.forward_decoder(latent, ids_restore, self.grid_size(imgs))
         return self.forward_loss(imgs, pred, mask), pred, mask
 

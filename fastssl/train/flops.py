@@ -2,8 +2,10 @@
 
 Counts matrix-multiply FLOPs (2 per multiply-add; norms, softmax and GELU are not counted), as
 `torch.utils.flop_counter.FlopCounterMode` does: encoder and decoder, forward and backward (2x the
-forward, except the patch embedding, whose input needs no gradient). Prints each stage and the
-ratio to the same recipe without progression (full depth, `data.res`, `mask_ratio` throughout).
+forward, except the patch embedding, whose input needs no gradient). With `mask_views` K, per image
+the patch embedding runs once and the encoder and decoder K times (once per view). Prints each
+stage and the ratio to the same recipe without progression (full depth, `data.res`, `mask_ratio`
+throughout, as many views), and with `--versus RECIPE` the ratio to another recipe's total.
 """
 from __future__ import annotations
 
@@ -43,8 +45,10 @@ def mae_flops(size: str, patch_size: int, res: int, mask_ratio: float, depth: in
 
 
 def train_flops_per_image(size: str, patch_size: int, stage: Stage) -> int:
+    """Forward + backward per image: the patch embedding once (forward + weight gradient), the rest
+    of the encoder and the decoder once per masked view (forward + 2x backward)."""
     f = mae_flops(size, patch_size, stage.res, stage.mask_ratio, stage.depth)
-    return 3 * (f["encoder"] + f["decoder"]) - f["embed"]
+    return 3 * stage.mask_views * (f["encoder"] - f["embed"] + f["decoder"]) + 2 * f["embed"]
 
 
 def device_peak_flops(device: torch.device, tflops: float | None = None) -> float | None:
@@ -66,8 +70,10 @@ def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:
         per_image = train_flops_per_image(size, patch, stage)
         rows.append({"epochs": [start, end], "res": stage.res, "mask_ratio": round(stage.mask_ratio, 4),
                      "depth": stage.depth, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
+                     "views": stage.mask_views,
                      "gflops_per_image": per_image / 1e9, "flops": per_image * images * (end - start)})
-    base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio)) * images * cfg.epochs
+    base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio, mask_views=cfg.mask_views))
+    base *= images * cfg.epochs
     total = sum(r["flops"] for r in rows)
     return {"stages": rows, "total": total, "baseline": base, "ratio": total / base}
 
@@ -78,24 +84,31 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, as for fastssl.pretrain")
     p.add_argument("--images", type=int, default=IMAGENET_TRAIN, help="images per epoch (ImageNet-1k train)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--versus", metavar="RECIPE", help="also print the ratio to this recipe's total")
     args = p.parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.recipe, args.overrides)
+        other = load_config(PretrainConfig, args.versus) if args.versus else None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     out = recipe_flops(cfg, args.images)
+    if other is not None:
+        out["versus"] = {"recipe": args.versus, "ratio": out["total"] / recipe_flops(other, args.images)["total"]}
     if args.json:
         print(json.dumps(out, indent=2))
         return
     print(f"{args.recipe}: MAE-{cfg.model.size}/{cfg.model.patch_size}, {cfg.epochs} epochs x {args.images:,} images")
-    print(f"{'epochs':>11} {'res':>4} {'mask':>6} {'visible':>7} {'depth':>5} {'GFLOPs/img':>10} {'EFLOPs':>8} {'share':>6}")
+    print(f"{'epochs':>11} {'res':>4} {'mask':>6} {'visible':>7} {'views':>5} {'depth':>5} {'GFLOPs/img':>10} "
+          f"{'EFLOPs':>8} {'share':>6}")
     for r in out["stages"]:
         a, b = r["epochs"]
-        print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['depth']:>5} "
-              f"{r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
+        print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['views']:>5} "
+              f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
     print(f"total {out['total'] / 1e18:.1f} EFLOPs; fixed-size baseline {out['baseline'] / 1e18:.1f} EFLOPs; "
           f"ratio {out['ratio']:.3f}x")
+    if other is not None:
+        print(f"ratio to {args.versus}: {out['versus']['ratio']:.3f}x")
 
 
 if __name__ == "__main__":

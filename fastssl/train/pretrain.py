@@ -42,9 +42,11 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     loader = cli.train_loader(cfg, info)
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
-        return m(imgs, mask_ratio=stage.mask_ratio)[0]
+        return m(imgs, mask_ratio=stage.mask_ratio, views=stage.mask_views)[0]
 
     with cli.run_folder(cfg, info) as (run_dir, logger):
+        if cfg.mask_views > 1:
+            logger = ViewRateLogger(logger, cfg.mask_views)
         hooks = []
         if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
             fixed = spread_val_images(cfg.data.val, cfg.data.res, info.device)
@@ -67,6 +69,22 @@ def run(cfg: PretrainConfig) -> engine.Progress:
                           stages=stages,
                           # as `python -m fastssl.flops` counts them; each stage carries its depth
                           flops_per_image=partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
+
+
+class ViewRateLogger:
+    """The engine's `img_per_s` counts images from the loader; with K masked views the model trains
+    K sequences per image, logged beside it as `view_per_s`."""
+
+    def __init__(self, logger: RunLogger, views: int) -> None:
+        self.logger, self.views = logger, views
+
+    def log(self, metrics: dict, step: int) -> None:
+        if "img_per_s" in metrics:
+            metrics = {**metrics, "view_per_s": metrics["img_per_s"] * self.views}
+        self.logger.log(metrics, step)
+
+    def close(self) -> None:
+        self.logger.close()
 
 
 def _restore_scalenet(model: torch.nn.Module, state: dict, path: str) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from fastssl.errors import ConfigError
-from fastssl.models import growth, len_keep
+from fastssl.models import growth, len_keep, max_views
 from fastssl.models.sizes import get_size
 
 if TYPE_CHECKING:  # the config validates through this module, so it is read here as types only
@@ -30,6 +30,7 @@ class Stage:
     depth: int | None = None  # executed encoder blocks; None: all of them
     drop_path: float | None = None  # stochastic depth of the last block; None: as built
     micro_batch: int | None = None  # per process; None: the recipe's batch_size / (world x accum_steps)
+    mask_views: int = 1  # disjoint masked views per image
 
 
 Schedule = Callable[[int], Stage]
@@ -107,7 +108,8 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
     full_depth = depth or cfg.model.depth or get_size(cfg.model.size).depth
     items = p.stage_list()
     starts, stages = [], []
-    prev = Stage(res=cfg.data.res, mask_ratio=cfg.mask_ratio, depth=full_depth, drop_path=cfg.model.drop_path)
+    prev = Stage(res=cfg.data.res, mask_ratio=cfg.mask_ratio, depth=full_depth, drop_path=cfg.model.drop_path,
+                 mask_views=cfg.mask_views)
     for i, it in enumerate(items):
         key = f"progressive.stages[{i}]"
         if i == 0 and it.epoch != 0:
@@ -140,7 +142,8 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
         stage = Stage(res=res, depth=depth,
                       mask_ratio=it.mask_ratio if it.mask_ratio is not None else prev.mask_ratio,
                       drop_path=it.drop_path if it.drop_path is not None else prev.drop_path,
-                      micro_batch=it.micro_batch if it.micro_batch is not None else prev.micro_batch)
+                      micro_batch=it.micro_batch if it.micro_batch is not None else prev.micro_batch,
+                      mask_views=cfg.mask_views)
         if i and depth > prev.depth and prev.depth == 0 and p.growth.op in growth.COPYING_OPS:
             raise _err("progressive.growth.op", p.growth.op,
                        f"copies existing blocks, but stage {i - 1} has none (depth 0): use zero or gated")
@@ -185,4 +188,11 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
             raise _err(key, st.res, f"at mask ratio {st.mask_ratio}, its {(st.res // patch) ** 2} patch(es) of "
                                     f"{patch} px leave no visible token (from epoch {first}); raise the resolution "
                                     "or lower the mask ratio")
+    for start, end, stage in schedule.segments(cfg.epochs):  # the ramp and couple_mask change n too
+        patches = (stage.res // patch) ** 2
+        if cfg.mask_views * len_keep(patches, stage.mask_ratio) > patches:
+            raise _err("mask_views", cfg.mask_views,
+                       f"epochs {start}-{end - 1} keep {len_keep(patches, stage.mask_ratio)} of {patches} tokens "
+                       f"visible (res {stage.res}, mask_ratio {stage.mask_ratio:.4g}): at most "
+                       f"{max_views(patches, stage.mask_ratio)} disjoint views")
     return schedule
