@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .growth import _zero_residual
+from .growth import _zero_residual, apply_plan
 from .mae import MaskedAutoencoderViT
 from .sizes import ViTSize, get_size
 
@@ -67,6 +67,12 @@ def _dims(model: MaskedAutoencoderViT) -> dict[str, int]:
     return {"embed": model.cls_token.shape[-1], "attn": b.attn.qkv.out_features // 3,
             "hidden": b.mlp.fc1.out_features, "dec_embed": model.mask_token.shape[-1],
             "dec_attn": d.attn.qkv.out_features // 3, "dec_hidden": d.mlp.fc1.out_features}
+
+
+def _size_dims(s: ViTSize) -> dict[str, int]:
+    return {"embed": s.embed_dim, "attn": s.embed_dim, "hidden": int(s.embed_dim * s.mlp_ratio),
+            "dec_embed": s.decoder_embed_dim, "dec_attn": s.decoder_embed_dim,
+            "dec_hidden": int(s.decoder_embed_dim * s.mlp_ratio)}
 
 
 def _head_dims(model: MaskedAutoencoderViT) -> tuple[int, int]:
@@ -111,16 +117,17 @@ def _src(g: WidthGrowth, axis: str) -> torch.Tensor:
     return torch.cat([torch.where(s >= 0, s + k * old, -1) for k in range(3)])
 
 
-def _check(method: str, old: dict[str, int], new: dict[str, int], heads: tuple, new_heads: tuple) -> None:
+def _check(method: str, old: dict[str, int], new: dict[str, int], head_dims: tuple, new_head_dims: tuple) -> None:
     if method not in METHODS:
         raise ValueError(f"unknown width growth method {method!r}; choose one of {', '.join(METHODS)}")
-    if heads != new_heads:
-        raise ValueError(f"head dims {new_heads} (encoder, decoder) differ from the model's {heads}: width "
-                         f"growth adds heads at a fixed head dim")
     for axis in _AXES:
         if new[axis] < old[axis]:
             raise ValueError(f"{axis} width {new[axis]} is smaller than the model's {old[axis]}; width growth "
                              f"only grows")
+    if head_dims != new_head_dims:
+        raise ValueError(f"head dims {new_head_dims} (encoder, decoder) differ from the model's {head_dims}: "
+                         f"width growth adds heads at a fixed head dim")
+    for axis in _AXES:
         if method == "duplicate" and new[axis] % old[axis]:
             raise ValueError(f"duplicate needs integer width ratios, but {axis} grows {old[axis]} -> "
                              f"{new[axis]}; use masked")
@@ -132,7 +139,7 @@ def _splits(src: torch.Tensor, shape: torch.Size, dim: int, gen: torch.Generator
     moved = u.movedim(dim, -1)
     total = torch.zeros(*moved.shape[:-1], int(src.max()) + 1, dtype=torch.float64)
     total.index_add_(-1, src, moved)
-    return (moved / total[..., src]).movedim(-1, dim).float()
+    return (moved / total[..., src]).movedim(-1, dim)  # float64: one rounding when applied
 
 
 def _gather(t: torch.Tensor, dims: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +159,7 @@ def map_tensor(old: torch.Tensor, fresh: torch.Tensor, name: str, g: WidthGrowth
     dims = [(dim, _src(g, axis)) for dim, axis in g.axes[name]]
     out, copied = _gather(old.detach().to(fresh.device), dims)
     if name in g.split:
-        out = out * g.split[name].to(out.device) ** power
+        out = (out.double() * g.split[name].to(out.device) ** power).to(out.dtype)
     return torch.where(copied, out.to(fresh.dtype), fresh)
 
 
@@ -169,12 +176,19 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
     what `model` computes, and the map its optimizer state follows (`map_optimizer_state`).
     ValueError for a size it cannot grow to. Fresh and split values come from `seed`."""
     s = target_size(model, size)
-    old = _dims(model)
-    grid = model.patch_embed.grid_size
+    old, dims = _dims(model), _size_dims(s)
+    _check(method, old, dims, _head_dims(model), (s.embed_dim // s.num_heads,
+                                                  s.decoder_embed_dim // s.decoder_num_heads))
     n_blocks = blocks or len(model.blocks)
-    if n_blocks < len(model.blocks) or s.decoder_depth < len(model.decoder_blocks):
-        raise ValueError(f"blocks={n_blocks} / decoder depth {s.decoder_depth} below the model's "
-                         f"{len(model.blocks)} / {len(model.decoder_blocks)}: width growth only grows")
+    if n_blocks < len(model.blocks):
+        raise ValueError(f"blocks={n_blocks}: fewer than the model's {len(model.blocks)}")
+    if s.decoder_depth < len(model.decoder_blocks):
+        raise ValueError(f"decoder depth {s.decoder_depth} is below the model's {len(model.decoder_blocks)}: "
+                         f"growth only grows")
+    if hasattr(model, "width_masked"):
+        raise ValueError("the model's new channels from a masked growth are still ramping in; grow it "
+                         "again once they are fully open")
+    grid = model.patch_embed.grid_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = MaskedAutoencoderViT(
@@ -182,12 +196,7 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
             in_chans=model.patch_embed.proj.in_channels, embed_dim=s.embed_dim, depth=n_blocks,
             num_heads=s.num_heads, decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
             decoder_num_heads=s.decoder_num_heads, mlp_ratio=s.mlp_ratio, norm_pix_loss=model.norm_pix_loss)
-    new.to(model.cls_token.device)
-    dims = _dims(new)
-    _check(method, old, dims, _head_dims(model), _head_dims(new))
-    if hasattr(model, "width_masked"):
-        raise ValueError("the model's new channels from a masked growth are still ramping in; grow it "
-                         "again once they are fully open")
+    new.to(model.cls_token.device, model.cls_token.dtype)
     g = WidthGrowth(method, old, {a: _source_map(method, old[a], dims[a]) for a in _AXES}, {}, {})
     gen = torch.Generator().manual_seed(seed)
     live = dict(new.named_parameters())
@@ -205,11 +214,9 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
     for j in range(len(model.decoder_blocks), s.decoder_depth):
         _zero_residual(new.decoder_blocks[j])  # pre-norm blocks that add nothing: the identity
     _carry_positions(model, new, g)
-    new.layer_plan = list(model.layer_plan)
+    apply_plan(new, list(model.layer_plan))
     new.block_gate[: len(model.block_gate)] = model.block_gate
     new.gated_blocks = model.gated_blocks
-    for i, blk in enumerate(new.blocks):
-        blk.requires_grad_(i in set(new.layer_plan))
     if method == "masked":
         _install_masks(new, old)
     _register(new)
