@@ -34,11 +34,15 @@ def _outputs(model, imgs, noise):
     return loss, feats
 
 
+def _grown(size: ViTSize, method: str, **kwargs):
+    """(the micro MAE grown, the batch, the loss and features before growth)."""
+    old, (imgs, noise) = _micro(), _batch()
+    before = _outputs(old, imgs, noise)
+    return width.widen(old, size, method, **kwargs)[0], (imgs, noise), before
+
+
 def test_duplicate_preserves_loss_and_features():
-    old = _micro()
-    imgs, noise = _batch()
-    loss0, feats0 = _outputs(old, imgs, noise)
-    new, _ = width.widen(old, MICRO_X2, "duplicate")
+    new, (imgs, noise), (loss0, feats0) = _grown(MICRO_X2, "duplicate")
     loss1, feats1 = _outputs(new, imgs, noise)
     assert feats1.shape[-1] == 128 and len(new.decoder_blocks) == 3
     assert (loss1 - loss0).abs() <= 1e-6
@@ -124,10 +128,7 @@ def test_optimizer_moments_follow_their_source():
 
 
 def test_masked_growth_is_preserved_at_growth_and_ramps_in():
-    old = _micro()
-    imgs, noise = _batch()
-    loss0, feats0 = _outputs(old, imgs, noise)
-    new, _ = width.widen(old, MICRO_X5_4, "masked")
+    new, (imgs, noise), (loss0, feats0) = _grown(MICRO_X5_4, "masked")
     loss1, feats1 = _outputs(new, imgs, noise)
     # the LayerNorms normalise over the active channels: exactly the old statistics while masks are 0
     assert (loss1 - loss0).abs() <= 1e-6
@@ -167,10 +168,7 @@ def test_masks_survive_a_state_dict_round_trip_mid_ramp():
 
 
 def test_width_then_depth():
-    old = _micro()
-    imgs, noise = _batch()
-    loss0 = _outputs(old, imgs, noise)[0]
-    new, _ = width.widen(old, MICRO_X2, "duplicate", blocks=6)
+    new, (imgs, noise), (loss0, _) = _grown(MICRO_X2, "duplicate", blocks=6)
     assert new.layer_plan == [0, 1, 2, 3] and not any(p.requires_grad for p in new.blocks[5].parameters())
     growth.grow(new, "zero", 6)
     assert new.layer_plan == list(range(6))

@@ -53,9 +53,9 @@ _AXES = ("embed", "attn", "hidden", "dec_embed", "dec_attn", "dec_hidden")
 
 @dataclass
 class WidthGrowth:
-    """What `widen` did: per parameter name, its (dim, axis) pairs and the split it applied."""
+    """What `widen` did: the channel map of every axis, and per parameter the (dim, axis) pairs it
+    was gathered along and the split applied to it (the optimizer state follows the same map)."""
 
-    method: str
     old: dict[str, int]  # axis -> width before growth
     src: dict[str, torch.Tensor]  # axis -> new channel -> old channel, -1 fresh
     axes: dict[str, list[tuple[int, str]]]  # parameter -> (dim, axis) it is gathered along
@@ -197,7 +197,7 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
             num_heads=s.num_heads, decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
             decoder_num_heads=s.decoder_num_heads, mlp_ratio=s.mlp_ratio, norm_pix_loss=model.norm_pix_loss)
     new.to(model.cls_token.device, model.cls_token.dtype)
-    g = WidthGrowth(method, old, {a: _source_map(method, old[a], dims[a]) for a in _AXES}, {}, {})
+    g = WidthGrowth(old, {a: _source_map(method, old[a], dims[a]) for a in _AXES}, {}, {})
     gen = torch.Generator().manual_seed(seed)
     live = dict(new.named_parameters())
     for name, p in model.named_parameters():
