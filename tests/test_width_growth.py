@@ -150,6 +150,24 @@ def test_masked_growth_is_preserved_at_growth_and_ramps_in():
     assert torch.equal(_outputs(plain_x, imgs, noise)[0], _outputs(new, imgs, noise)[0])
 
 
+def test_ramping_the_masks_does_not_recompile():
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    new, (imgs, noise), _ = _grown(MICRO_X5_4, "masked")
+    torch._dynamo.reset()
+    compiled = torch.compile(new, backend=counting_backend)
+    losses = []
+    for step in range(4):
+        width.set_mask(new, width.ramp(step, 4))
+        losses.append(compiled(imgs, 0.75, noise)[0].item())
+    torch._dynamo.reset()
+    assert len(graphs) == 1 and len(set(losses)) == 4  # one graph, and it saw every mask value
+
+
 def test_masks_survive_a_state_dict_round_trip_mid_ramp():
     new, _ = width.widen(_micro(), MICRO_X5_4, "masked")
     width.set_mask(new, 0.25)
