@@ -35,6 +35,7 @@ under `width` (position channels, and while masks exist, the old widths and the 
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
 
 import torch
@@ -163,7 +164,7 @@ def map_tensor(old: torch.Tensor, fresh: torch.Tensor, name: str, g: WidthGrowth
     return torch.where(copied, out.to(fresh.dtype), fresh)
 
 
-def target_size(model: MaskedAutoencoderViT, size: str | ViTSize) -> ViTSize:
+def _target_size(model: MaskedAutoencoderViT, size: str | ViTSize) -> ViTSize:
     s = get_size(size) if isinstance(size, str) else size
     return replace(s, patch_size=model.patch_size)
 
@@ -175,7 +176,7 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
     if given, for depth growth after; a deeper decoder gets identity blocks appended) computing
     what `model` computes, and the map its optimizer state follows (`map_optimizer_state`).
     ValueError for a size it cannot grow to. Fresh and split values come from `seed`."""
-    s = target_size(model, size)
+    s = _target_size(model, size)
     old, dims = _dims(model), _size_dims(s)
     _check(method, old, dims, _head_dims(model), (s.embed_dim // s.num_heads,
                                                   s.decoder_embed_dim // s.decoder_num_heads))
@@ -207,14 +208,15 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
         g.axes[name] = [(dim, axis) for dim, axis, _ in axes]
         if method == "duplicate":
             for dim, axis, read in axes:
-                if read and len(g.src[axis]) > old[axis]:
-                    share = _splits(g.src[axis], live[name].shape, dim, gen)
-                    g.split[name] = g.split[name] * share if name in g.split else share
+                if read and len(g.src[axis]) > old[axis]:  # at most one read axis per parameter
+                    g.split[name] = _splits(g.src[axis], live[name].shape, dim, gen)
         live[name].copy_(map_tensor(p, live[name], name, g))
     for j in range(len(model.decoder_blocks), s.decoder_depth):
         _zero_residual(new.decoder_blocks[j])  # pre-norm blocks that add nothing: the identity
     _carry_positions(model, new, g)
     apply_plan(new, list(model.layer_plan))
+    for old_block, block in zip(model.blocks, new.blocks):  # stochastic depth as it was (parameter-free)
+        block.drop_path1, block.drop_path2 = copy.deepcopy(old_block.drop_path1), copy.deepcopy(old_block.drop_path2)
     new.block_gate[: len(model.block_gate)] = model.block_gate
     new.gated_blocks = model.gated_blocks
     if method == "masked":
