@@ -4,6 +4,10 @@
         --adapter-where {attn,mlp,both} [--adapter-act {none,gelu}] --out CKPT2
     python -m fastssl.expand CKPT2 --export --out VIT.pth   # materialised, adapters merged: plain ViT
 
+Width growth of an MAE checkpoint to a wider size (`models/width.py`; the encoder keeps its depth):
+
+    python -m fastssl.expand CKPT --width SIZE --method {duplicate,masked} [--seed S] --out CKPT2
+
 CKPT2 continues pretraining with `python -m fastssl.pretrain RECIPE init=CKPT2`.
 """
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from fastssl.errors import ConfigError
-from fastssl.models import scalenet, weights
+from fastssl.models import scalenet, weights, width
 from fastssl.models.vit import encoder_state_dict
 from fastssl.train.checkpoint import atomic_torch_save
 
@@ -42,6 +46,19 @@ def encoder_params(model: nn.Module) -> int:
     return sum(p.numel() for p in names.values())
 
 
+def _widen(model: nn.Module, args: argparse.Namespace) -> dict:
+    if args.depth is not None or args.export:
+        raise ExpandError("--width grows width only; run --depth or --export on its output separately")
+    if not hasattr(model, "decoder_embed") or scalenet.is_expanded(model):
+        raise ExpandError(f"{args.ckpt!r}: width growth needs a plain MAE checkpoint (encoder and decoder)")
+    before = encoder_params(model)
+    grown, _ = width.widen(model, args.width, args.method, args.seed)
+    print(f"width {model.cls_token.shape[-1]} -> {grown.cls_token.shape[-1]} ({args.method}), "
+          f"{len(grown.blocks)} encoder blocks kept: encoder parameters {before / 1e6:.2f}M -> "
+          f"{encoder_params(grown) / 1e6:.2f}M")
+    return grown.state_dict()
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastssl.expand", description=__doc__.splitlines()[0])
     p.add_argument("ckpt")
@@ -50,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--adapter-rank", type=int, default=16)
     p.add_argument("--adapter-where", default="both", help="attn | mlp | both")
     p.add_argument("--adapter-act", default="none", help="none (mergeable) | gelu")
+    p.add_argument("--width", help="grow the width to this model size (an MAE checkpoint)")
+    p.add_argument("--method", default="duplicate", help="width growth: duplicate | masked")
+    p.add_argument("--seed", type=int, default=0, help="width growth: seed of the split and fresh weights")
     p.add_argument("--export", action="store_true", help="write the plain ViT of an expanded checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--unsafe", action="store_true", help="allow arbitrary unpickling of CKPT (trusted files only)")
@@ -59,7 +79,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ExpandError(f"--out {args.out!r} would overwrite the input")
         sd = read_state_dict(args.ckpt, args.unsafe)
         model = scalenet.build_for(sd)
-        if args.export:
+        if args.width is not None:
+            out = {"model": _widen(model, args)}
+        elif args.export:
             if not scalenet.is_expanded(model):
                 raise ExpandError(f"{args.ckpt!r} is not ScaleNet-expanded; nothing to export")
             out = {"model": scalenet.export_state_dict(model)}

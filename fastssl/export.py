@@ -17,8 +17,7 @@ import torch
 
 from fastssl import atomic
 from fastssl.config import ConfigError
-from fastssl.models import get_size
-from fastssl.models import weights
+from fastssl.models import get_size, weights, width
 
 _TIMM_NAMES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
 
@@ -40,6 +39,9 @@ def export(ckpt: str, out: str, img_size: int = 224, head: bool = True, unsafe: 
     if problem:
         raise ConfigError(f"--out {out!r}: {problem}")
     state = weights.read(ckpt, "ckpt", unsafe, opt_in="--unsafe")
+    if (mask := width.ramping(weights.raw_model_state(state))) is not None:
+        raise ConfigError(f"ckpt={ckpt!r}: saved while the channels of a masked width growth were opening "
+                          f"(mask {mask:g} of 1), which no plain ViT runs; export it once they are open")
     size, patch = weights.vit_arch(state, ckpt, "ckpt")
     sd = weights.model_state(state)
     finetuned = "fc_norm.weight" in sd

@@ -4,7 +4,9 @@ Parameter names are theirs, so their checkpoints load unchanged, and the encoder
 `VisionTransformer`'s (see `vit.encoder_state_dict`). Differences that keep the keys:
 - any input resolution, non-square included: position tables are regenerated per patch grid
   (`pos_embed.cached_pos_embed`); the `pos_embed` / `decoder_pos_embed` parameters keep the default
-  grid only so state dicts match theirs, and forward never reads them;
+  grid only so state dicts match theirs, and forward never reads them; a width-grown model runs
+  the table of the width it was trained at, its channels placed as growth mapped them
+  (`pos_channels`, see `width.py`);
 - the encoder runs `self.layer_plan` (executed position -> block index) for progressive depth,
   and a block in `gated_blocks` adds only `block_gate[i]` of its residual update (see `growth.py`);
 - `noise` makes the masking reproducible;
@@ -19,7 +21,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .pos_embed import cached_pos_embed, sincos_pos_embed_2d
+from .pos_embed import cached_channel_pos_embed, cached_pos_embed, sincos_pos_embed_2d
 from .sizes import get_size
 
 
@@ -96,6 +98,8 @@ class MaskedAutoencoderViT(nn.Module):
         # value is a tensor update for torch.compile, not a recompile).
         self.register_buffer("block_gate", torch.ones(depth), persistent=False)
         self.gated_blocks: frozenset[int] = frozenset()
+        # set by width growth: table name -> (width of its sin-cos table, channel -> table channel or -1)
+        self.pos_channels: dict[str, tuple[int, tuple[int, ...]]] = {}
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -151,7 +155,10 @@ class MaskedAutoencoderViT(nn.Module):
     def grid_size(self, imgs: torch.Tensor) -> tuple[int, int]:
         return imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size
 
-    def _pos_table(self, param: nn.Parameter, grid: tuple[int, int]) -> torch.Tensor:
+    def _pos_table(self, name: str, grid: tuple[int, int]) -> torch.Tensor:
+        param = getattr(self, name)
+        if name in self.pos_channels:
+            return cached_channel_pos_embed(*self.pos_channels[name], *grid, param.device, param.dtype)
         return cached_pos_embed(param.shape[-1], *grid, param.device, param.dtype)
 
     def forward_encoder(
@@ -159,7 +166,7 @@ class MaskedAutoencoderViT(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns (latent (K*N, 1 + len_keep, D) with cls first, mask (K*N, L), ids_restore (K*N, L))
         for K = `views` disjoint masked views of the N images (`random_masking`)."""
-        pos = self._pos_table(self.pos_embed, self.grid_size(imgs))
+        pos = self._pos_table("pos_embed", self.grid_size(imgs))
         x = self.patch_embed(imgs) + pos[:, 1:]  # once per image, whatever the views
         x, mask, ids_restore = random_masking(x, mask_ratio, noise, views)
         cls = (self.cls_token + pos[:, :1]).expand(x.shape[0], -1, -1)
@@ -178,7 +185,7 @@ class MaskedAutoencoderViT(nn.Module):
         mask_tokens = self.mask_token.expand(n, num_patches + 1 - x.shape[1], -1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
         x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, dim))  # unshuffle
-        x = torch.cat([x[:, :1], x_], dim=1) + self._pos_table(self.decoder_pos_embed, grid)
+        x = torch.cat([x[:, :1], x_], dim=1) + self._pos_table("decoder_pos_embed", grid)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]

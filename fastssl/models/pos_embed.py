@@ -44,3 +44,18 @@ def cached_pos_embed(
     if table is None:
         table = _cache[key] = sincos_pos_embed_2d(dim, grid_h, grid_w).to(device=device, dtype=dtype)
     return table
+
+
+@torch._dynamo.assume_constant_result
+def cached_channel_pos_embed(
+    dim: int, channels: tuple[int, ...], grid_h: int, grid_w: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """The `dim`-wide table with its channels rearranged: output channel i is table channel
+    `channels[i]`, or zero where that is -1 (a width-grown model, see `width.py`)."""
+    key = (dim, channels, grid_h, grid_w, device, dtype)
+    table = _cache.get(key)
+    if table is None:
+        base = torch.cat([sincos_pos_embed_2d(dim, grid_h, grid_w), torch.zeros(1, 1 + grid_h * grid_w, 1,
+                          dtype=torch.float64)], dim=-1)  # the extra zero channel is what -1 picks
+        table = _cache[key] = base[..., list(channels)].to(device=device, dtype=dtype)
+    return table

@@ -26,6 +26,7 @@ from .growth import sources
 from .mae import build_mae
 from .sizes import SIZES
 from .vit import build_vit_encoder, load_encoder
+from .width import restore as restore_width
 
 MAPS = {"cyclic": "stack", "interleave": "interleave"}  # our names -> growth.sources' ops
 WHERE = ("attn", "mlp", "both")
@@ -222,6 +223,7 @@ def build_for(sd: dict) -> nn.Module:
     else:
         model = build_vit_encoder(size, patch_size=patch, img_size=img_size, depth=depth)
     restore(model, sd)
+    restore_width(model, sd)
     try:
         if spec or hasattr(model, "decoder_embed"):
             model.load_state_dict(sd, strict=True)

@@ -24,7 +24,7 @@ from torch import nn
 
 from fastssl import atomic
 from fastssl.errors import ConfigError
-from fastssl.models import SIZES, build_vit_encoder, encoder_state_dict, load_encoder, scalenet
+from fastssl.models import SIZES, build_vit_encoder, encoder_state_dict, load_encoder, scalenet, width
 
 # Types a weights-only load may rebuild besides tensors and containers: plain data, no code.
 SAFE_GLOBALS = (argparse.Namespace,)
@@ -186,8 +186,14 @@ def planned(state: dict, path: str, key: str = "init") -> dict:
 def load_mae(mae: nn.Module, state: dict, path: str = "", key: str = "init") -> None:
     """MAE weights (ours or facebookresearch/mae's), or encoder-only weights with a fresh decoder.
 
-    The stored position tables are skipped: the MAE regenerates its sin-cos tables for every grid.
+    The stored position tables are skipped: the MAE regenerates its sin-cos tables for every grid
+    (a width-grown MAE, the channels of its first width's tables: `models.width.restore`).
     """
+    raw = raw_model_state(state)
+    if (mask := width.ramping(raw)) is not None:
+        raise ConfigError(f"{key}={path!r}: saved while the channels of a masked width growth were opening "
+                          f"(mask {mask:g} of 1); training on from it needs the ramp, which init= does not run")
+    width.restore(mae, raw)
     sd = {k: v for k, v in model_state(state).items() if k not in ("pos_embed", "decoder_pos_embed")}
     has_decoder = any(k.startswith("decoder_") for k in sd)
     sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "fc_norm."))}
