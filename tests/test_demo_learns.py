@@ -3,8 +3,9 @@ epochs), the pretrained encoder beats a random one by a clear margin in the line
 A regression in the model, the loss, the loaders or the probe that stops learning (margin ~0) fails here."""
 import pytest
 
-from fastssl import checkpoint, knn, linprobe, pretrain
 from fastssl.config import KNNRunConfig, LinProbeConfig, PretrainConfig, load_config
+from fastssl.eval import knn, linprobe
+from fastssl.train import checkpoint, pretrain
 from tests.test_pretrain import LINPROBE, PRETRAIN, ROOT
 
 KNN = ROOT / "recipes/demo/knn_cpu.yaml"
