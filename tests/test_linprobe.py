@@ -90,8 +90,10 @@ def test_probe_recipes_crop_as_mae_linprobe(demo_betons, tmp_path, monkeypatch):
         seen.update(kwargs)
         raise Built
 
+    from fastssl.run import cli
+
     seen = {}
-    monkeypatch.setattr(linprobe, "make_pretrain_loader", loader)
+    monkeypatch.setattr(cli, "make_pretrain_loader", loader)  # the set-up every entry shares builds it
     for size in ("base", "large", "huge"):
         cfg = load_config(LinProbeConfig, ROOT / f"recipes/linprobe_vit_{size}.yaml",
                           [f"run_dir={tmp_path}", f"data.train={demo_betons.train}", f"data.val={demo_betons.val}",

@@ -181,7 +181,7 @@ def test_two_view_fast_recipe_matches_the_fast_recipe_in_flops(capsys):
     assert out[-1] == f"ratio to {ROOT / 'recipes/mae_vit_base_800ep_fast.yaml'}: 0.995x"
     ours, baseline = (flops.recipe_flops(cfg_of(ROOT / f"recipes/{r}.yaml"))["total"]
                       for r in ("mae_vit_base_400ep_fast_2views", "mae_vit_base_800ep"))
-    assert round(ours / baseline, 3) == 0.378  # as the recipe's header says
+    assert round(ours / baseline, 3) == 0.379  # as the recipe's header says
 
 
 def demo_args(betons, run_dir, *extra):
