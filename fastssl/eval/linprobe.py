@@ -132,7 +132,8 @@ def run(cfg: LinProbeConfig) -> dict:
     groups = [{"params": fc.parameters(), "lr_scale": s} for fc, s in zip(head.fc, cfg.lr_scales)]
     optimizer = optim.LARS(groups, lr=cfg.lr(), weight_decay=cfg.optim.weight_decay)
     per_process_batch = cfg.micro_batch(info.world_size)
-    train, val = cli.train_loader(cfg, info, scale=tuple(cfg.crop_scale), flip_prob=cfg.flip_prob), cli.val_loader(cfg, info)
+    train = cli.train_loader(cfg, info, scale=tuple(cfg.crop_scale), flip_prob=cfg.flip_prob)
+    val = cli.val_loader(cfg, info)
 
     def loss_fn(m, x, labels, stage) -> torch.Tensor:
         logits = m(x)  # (heads, B, C): the sum keeps each head's gradient its own
