@@ -124,6 +124,3 @@ def run(cfg: KNNRunConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cli.main(KNNRunConfig, run, "python -m fastssl.knn", __doc__.splitlines()[0], argv)
 
-
-if __name__ == "__main__":
-    main()

@@ -167,6 +167,3 @@ def run(cfg: LinProbeConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cli.main(LinProbeConfig, run, "python -m fastssl.linprobe", __doc__.splitlines()[0], argv)
 
-
-if __name__ == "__main__":
-    main()
