@@ -22,7 +22,7 @@ from fastssl.data import num_classes
 from fastssl.eval import metrics
 from fastssl.models import weights
 from fastssl.run import cli, dist
-from fastssl.train import engine, optim, progressive
+from fastssl.train import engine, optim, progressive, stop
 
 
 class ProbeHead(nn.Module):
@@ -106,7 +106,7 @@ def extract_features(encoder: nn.Module, loader, views: int, info: dist.DistInfo
         t0 = time.perf_counter()
         loader.set_epoch(view)
         fs, ys = [], []
-        for imgs, y in loader:
+        for imgs, y in stop.watch(loader):
             with dist.autocast(precision, info.device):
                 fs.append(encoder(imgs).to(dtype))
             ys.append(y)

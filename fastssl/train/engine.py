@@ -331,7 +331,7 @@ def fit(
                 window.write(state, force=True)
                 save(cfg, info, state)
                 window.restart()
-            if stop.agreed(info.device):  # a timeout or preemption signal: the requeued job resumes here
+            if stop.agreed():  # a timeout or preemption signal: the requeued job resumes here
                 window.write(state, force=True)
                 save(cfg, info, state)
                 raise stop.StopRequested(f"stopped on a signal at step {progress.step}; checkpoint saved")
@@ -341,7 +341,12 @@ def fit(
         window.write(state, force=True)
         progress.epoch, progress.micro = epoch + 1, 0
         if on_epoch_end is not None:
-            logger.log(on_epoch_end(epoch, model), progress.step)
+            try:
+                logger.log(on_epoch_end(epoch, model), progress.step)
+            except stop.Interrupted:  # the epoch's training counts; its evaluation is cut short
+                save(cfg, info, state)
+                raise stop.StopRequested(f"stopped on a signal after epoch {epoch + 1} (its epoch-end "
+                                         f"evaluation cut short); checkpoint saved") from None
         if epoch + 1 == cfg.epochs or (cfg.checkpoint.every_epochs and (epoch + 1) % cfg.checkpoint.every_epochs == 0):
             save(cfg, info, state)
     return progress

@@ -1,0 +1,91 @@
+"""`engine.fit` with the stop handler armed, counting the calls that read a tensor's value on the host
+(a device sync on a GPU) by the optimizer step they follow; one rank sends itself USR2 after a chosen
+step. `torchrun --nproc-per-node 2 -m tests.stop_probe OUT SIGNAL_STEP` writes OUT/rank<r>.json (for
+test_stop.py); `count_host_reads` runs in-process too.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastssl.config import RunConfig
+from fastssl.run import dist
+from fastssl.train import engine, progressive, stop
+from fastssl.train.logger import RunLogger
+from tests.test_engine import TensorLoader, mse
+
+HOST_READS = ("item", "__bool__", "tolist", "cpu", "numpy", "nonzero")
+LOG_EVERY = 4
+STEPS = 12
+
+
+@contextlib.contextmanager
+def counting(reads: collections.Counter, step: list[int]):
+    """Count each host read of a tensor under the number of optimizer steps taken before it."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_READS}
+
+    def counted(name):
+        real = saved[name]
+
+        def read(self, *a, **k):
+            reads[step[0]] += 1
+            return real(self, *a, **k)
+        return read
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        yield
+    finally:
+        for name, real in saved.items():
+            setattr(torch.Tensor, name, real)
+
+
+def count_host_reads(run_dir: Path, info: dist.DistInfo, signal_step: int | None = None) -> dict:
+    """{'reads': {step: host reads after it}, 'stopped_at': step or None, 'checkpoints': [...]}."""
+    cfg = RunConfig(run_dir=str(run_dir), epochs=1, batch_size=2 * info.world_size, precision="fp32")
+    cfg.log.progress, cfg.log.every_steps = False, LOG_EVERY
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    step, reads = [0], collections.Counter()
+    real_step = opt.step
+
+    def counted_step(*a, **k):
+        out = real_step(*a, **k)
+        step[0] += 1
+        if step[0] == signal_step:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return out
+
+    opt.step = counted_step
+    n = 2 * STEPS
+    g = torch.Generator().manual_seed(info.rank)
+    loader = TensorLoader(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g), batch=2)
+    logger = RunLogger(run_dir, {}, enabled=False, wandb="disabled", project="t")
+    stop.arm(signal.SIGUSR2)
+    stopped_at = None
+    with counting(reads, step):
+        try:
+            engine.fit(cfg, info, model, opt, loader, mse, progressive.constant(32), logger)
+        except stop.StopRequested:
+            stopped_at = step[0]
+    from fastssl.train import checkpoint
+
+    return {"reads": dict(reads), "stopped_at": stopped_at,
+            "checkpoints": [p.name for p in checkpoint.list_checkpoints(run_dir)]}
+
+
+if __name__ == "__main__":
+    out, signal_step = sys.argv[1], int(sys.argv[2])
+    info = dist.init("cpu")
+    report = count_host_reads(Path(out) / "run", info, signal_step if info.rank == 1 else None)
+    Path(out, f"rank{info.rank}.json").write_text(json.dumps(report))
