@@ -85,3 +85,19 @@ def test_a_stop_during_epoch_end_evaluation_saves_the_epoch_and_stops(tmp_path):
     assert evaluated == [0, 1, 2]
     state = checkpoint.load_latest(tmp_path)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 4  # the next run starts epoch 2
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_all_stop(tmp_path):
+    import torch
+
+    from fastssl.train import checkpoint
+
+    for step in (10, 20):
+        checkpoint.save({"step": step, "w": torch.zeros(2)}, tmp_path / "run", step, keep_last=5)
+    r = ddp_probe.torchrun("tests.resume_probe", str(tmp_path / "run"), str(tmp_path), port=29733)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [rk["lagging"] for rk in ranks] == [20, 20]  # rank 1 alone would have taken step 10
+    assert ranks[0]["unreadable"] == ranks[1]["unreadable"]
+    assert ranks[0]["unreadable"].startswith("rank 1 cannot read ")
+    assert "ckpt_000000020.pt" in ranks[0]["unreadable"] and "\n" not in ranks[0]["unreadable"]

@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
@@ -154,9 +155,39 @@ class TrainState:
             self.stages.load_state_dict(state["progressive"])  # the layer plan before the first forward
 
 
+def load_agreed(cfg: RunConfig, info: dist.DistInfo) -> dict | None:
+    """The run folder's newest valid checkpoint as rank 0 sees it, loaded by every rank: on a shared
+    file system still syncing, ranks picking their own newest could resume from different steps and
+    silently diverge. A rank that cannot read rank 0's choice stops them all, with one message."""
+    chosen: dict | None = None
+    failure = None
+    if info.is_main:
+        try:
+            chosen = checkpoint.load_latest(cfg.run_dir, restart=cfg.checkpoint.restart)
+        except checkpoint.Unreadable as e:
+            failure = str(e)
+    if not info.distributed:
+        if failure:
+            raise checkpoint.Unreadable(failure)
+        return chosen
+    path, failure = dist.broadcast_object((chosen["path"] if chosen else None, failure))
+    if failure:
+        raise checkpoint.Unreadable(failure)
+    problem = None
+    if path is not None and not info.is_main:
+        chosen, problem = checkpoint.load(Path(path))
+    problems = [(rank, p) for rank, p in enumerate(dist.all_gather_object(problem)) if p is not None]
+    if problems:
+        rank, p = problems[0]
+        raise checkpoint.Unreadable(f"rank {rank} cannot read {path}, the checkpoint rank 0 resumes from "
+                                    f"({p}; {len(problems)} rank(s) in all): is the file system shared "
+                                    "and in sync on every node?")
+    return chosen
+
+
 def resume(cfg: RunConfig, info: dist.DistInfo, state: TrainState) -> None:
-    """From the run folder's newest valid checkpoint, if it has one."""
-    resumed = checkpoint.load_latest(cfg.run_dir, restart=cfg.checkpoint.restart)
+    """From the run folder's newest valid checkpoint (rank 0's choice), if it has one."""
+    resumed = load_agreed(cfg, info)
     if resumed is None:
         return
     state.load_state_dict(resumed)
