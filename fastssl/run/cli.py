@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
+import torch
+
 from fastssl import atomic
 from fastssl.config import RunConfig, load_config, to_dict
 from fastssl.data import beton, jpeg_crop, make_eval_loader, make_pretrain_loader
@@ -40,6 +42,12 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
         sys.exit(2)  # as argparse does for bad arguments
     except (NonFiniteLoss, checkpoint.Unreadable) as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        print(f"error: torch.compile recompiled one stage's step more than "
+              f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} times (its input "
+              "shapes or guards change from step to step); rerun with compile=false, which resumes from "
+              "the newest checkpoint", file=sys.stderr)
         sys.exit(1)
 
 

@@ -50,6 +50,10 @@ def init(device: str = "auto") -> DistInfo:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        # TF32 tensor cores for whatever runs in fp32 (an fp32 recipe, matmuls autocast leaves in fp32);
+        # through the API inductor reads (mixing it with the per-backend fp32_precision one is an error)
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,9 +118,19 @@ class LoaderWait:
 
 def compiled(model: nn.Module, backend: str | Callable = "inductor") -> nn.Module:
     """torch.compile with static shapes: a progressive run has a handful of stage shapes, each worth
-    its own specialised graph (one compile per new stage; dynamic shapes would trade speed for
-    nothing and break the position tables' constant folding)."""
+    its own specialised graph (dynamic shapes would trade speed for nothing and break the position
+    tables' constant folding). `fit` resets dynamo at every new stage, so the recompile limit (8 per
+    code object) only counts recompiles within a stage, which are a bug: hitting it raises rather
+    than leaving the rest of the run silently eager."""
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     return torch.compile(model, backend=backend, dynamic=False)
+
+
+def use_compile_cache(run_dir: str | Path) -> Path:
+    """Inductor's on-disk cache (FX graphs, AOT autograd, Triton kernels) under the run folder, unless
+    TORCHINDUCTOR_CACHE_DIR names one (a cache shared by runs): a requeued job, on whichever node,
+    finds its graphs there instead of recompiling each from scratch (the default is the node's /tmp)."""
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(run_dir) / "compile_cache")))
 
 
 @dataclass
@@ -206,6 +217,7 @@ def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module) -> t
     the parameters that need grads now and compiled code assumes the module structure, so both are
     built again after growth (recompiling once per new shape after it)."""
     if cfg.compile:
+        use_compile_cache(cfg.run_dir)
         torch._dynamo.reset()
     ddp = DistributedDataParallel(model) if info.distributed else model
     return ddp, compiled(ddp) if cfg.compile else ddp
@@ -313,7 +325,7 @@ def fit(
     ddp = step_model = None  # built at the first stage, rebuilt after each structural change
     window = LogWindow(cfg, info, logger, device_peak_flops(info.device, cfg.log.peak_tflops)
                        if flops_per_image else None)
-    logged_stage = None
+    logged_stage = compiled_for = None
     for epoch in range(progress.epoch, cfg.epochs):
         # the epoch's stage: its micro-batch split, the model's structure, the loader's shapes
         progress.epoch = epoch
@@ -328,6 +340,9 @@ def fit(
         if step_model is None or changed:
             ddp = step_model = None  # the old wrapper's hooks go before the new one's are registered
             ddp, step_model = build_step_model(cfg, info, model)
+        elif cfg.compile and (stage, micro_batch) != compiled_for:
+            torch._dynamo.reset()  # new shapes: their graphs are compiled afresh, not counted as recompiles
+        compiled_for = (stage, micro_batch)
         if stage != logged_stage:
             logger.log({**{f"stage/{k}": v for k, v in vars(stage).items() if v is not None},
                         "stage/micro_batch": micro_batch, "stage/accum_steps": accum}, progress.step)
