@@ -103,3 +103,24 @@ def test_a_recompile_limit_hit_is_a_one_line_error(tmp_path):
     # dynamo's own warning comes first; then the error, on one line, and no traceback
     assert r.stderr.splitlines()[-1].startswith("error: torch.compile recompiled one stage's step more than ")
     assert "Traceback" not in r.stderr
+
+
+def test_compiled_ddp_growth_on_two_ranks_compiles_once_per_stage(demo_betons, tmp_path):
+    """2 gloo processes, compile=true (aot_eager), a growth from 1 to 4 blocks with a resolution and
+    micro-batch change: both ranks end with the same weights, and each stage's step was compiled
+    once (DDP's bucket split makes it one forward graph per bucket: one bucket for this model)."""
+    from tests import ddp_probe
+    from tests.test_progressive_pretrain import ROOT, demo_args
+
+    r = ddp_probe.torchrun(
+        "tests.ddp_compile_probe", str(tmp_path), str(ROOT / "recipes/demo/pretrain_cpu_fast.yaml"),
+        *demo_args(demo_betons, tmp_path / "run", "batch_size=32", "epochs=2", "precision=fp32", "compile=true",
+                   "progressive.stages=[{epoch: 0, res: 16, mask_ratio: 0.5, depth: 1},"
+                   " {epoch: 1, res: 32, mask_ratio: 0.75, depth: 4, micro_batch: 8}]"),
+        port=29735, env={**os.environ, "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [__import__("json").loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    for rk in ranks:
+        assert [g[0][-1] for g in rk["graphs"]] == [16, 32]  # one graph per stage, each at its resolution
+        assert rk["unique_graphs"] == 2 and not rk["recompile_limit"]
