@@ -28,8 +28,8 @@ class StopRequested(Exception):
 def arm(signum: int = signal.SIGUSR2) -> Any:
     """Make `signum` request a stop; returns the handler it replaces. Every rank arms, or none: an
     armed distributed run takes part in one collective per poll."""
-    global _armed
-    _armed = True
+    global _armed, _agreement
+    _armed, _agreement = True, None  # the agreement's group belongs to the process group of this run
     return signal.signal(signum, request)
 
 
