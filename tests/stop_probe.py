@@ -1,7 +1,8 @@
 """`engine.fit` with the stop handler armed, counting the calls that read a tensor's value on the host
 (a device sync on a GPU) by the optimizer step they follow; one rank sends itself USR2 after a chosen
 step. `torchrun --nproc-per-node 2 -m tests.stop_probe OUT SIGNAL_STEP` writes OUT/rank<r>.json (for
-test_stop.py); `count_host_reads` runs in-process too.
+test_stop.py); `count_host_reads` runs in-process too. `... OUT watch`: `stop.watch` over shards of
+unequal length.
 """
 from __future__ import annotations
 
@@ -84,8 +85,25 @@ def count_host_reads(run_dir: Path, info: dist.DistInfo, signal_step: int | None
             "checkpoints": [p.name for p in checkpoint.list_checkpoints(run_dir)]}
 
 
+def watched(info: dist.DistInfo) -> dict:
+    """Rank r watches a loop of 4 + r batches (shards a batch apart) with no stop; then rank 0 asks to
+    stop: {'seen': batches seen, 'polls': polls until every rank agreed} (the same on both ranks only
+    if the loop left their polls in step)."""
+    stop.arm(signal.SIGUSR2)
+    seen = list(stop.watch(list(range(4 + info.rank))))
+    if info.rank == 0:
+        stop.request()
+    polls = 1
+    while not stop.agreed() and polls < 5:
+        polls += 1
+    return {"seen": len(seen), "polls": polls}
+
+
 if __name__ == "__main__":
-    out, signal_step = sys.argv[1], int(sys.argv[2])
+    out, what = sys.argv[1], sys.argv[2]
     info = dist.init("cpu")
-    report = count_host_reads(Path(out) / "run", info, signal_step if info.rank == 1 else None)
+    if what == "watch":
+        report = watched(info)
+    else:
+        report = count_host_reads(Path(out) / "run", info, int(what) if info.rank == 1 else None)
     Path(out, f"rank{info.rank}.json").write_text(json.dumps(report))

@@ -56,6 +56,15 @@ def test_watch_cuts_a_loop_short_after_the_request_but_never_at_its_last_batch(m
     assert seen == [0, 1, 2]
 
 
+def test_ranks_whose_shards_differ_by_a_batch_stay_in_step_through_a_watched_loop(tmp_path):
+    r = ddp_probe.torchrun("tests.stop_probe", str(tmp_path), "watch", port=29737)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [rk["seen"] for rk in ranks] == [4, 5]
+    # in step after the loop: the request goes into the reduction the first poll starts, the second reads it
+    assert [rk["polls"] for rk in ranks] == [2, 2]
+
+
 def test_a_stop_during_epoch_end_evaluation_saves_the_epoch_and_stops(tmp_path):
     from torch import nn
     import torch

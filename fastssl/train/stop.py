@@ -64,20 +64,33 @@ class _Agreement:
         return agreed
 
 
+    def fewest(self, n: int) -> int:
+        """The smallest `n` over the ranks (a blocking CPU all-reduce, once per loop)."""
+        t = torch.tensor([n])
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN, group=self.group)
+        return int(t[0])
+
+
 _agreement: _Agreement | None = None
+
+
+def _distributed_agreement() -> _Agreement | None:
+    """The armed distributed run's agreement (created on first use, by every rank), else None."""
+    global _agreement
+    if not (_armed and tdist.is_initialized()):
+        return None
+    if _agreement is None:
+        _agreement = _Agreement()
+    return _agreement
 
 
 def agreed() -> bool:
     """True on every rank at the same poll once any rank has been asked to stop. Distributed, each
     call is a collective: every rank polls at the same points of the run."""
-    global _agreement
     if not _armed:
         return False
-    if not tdist.is_initialized():
-        return _requested
-    if _agreement is None:
-        _agreement = _Agreement()
-    return _agreement.poll()
+    agreement = _distributed_agreement()
+    return _requested if agreement is None else agreement.poll()
 
 
 class Interrupted(StopRequested):
@@ -88,9 +101,13 @@ class Interrupted(StopRequested):
 def watch(loader: SizedIterable) -> Iterator:
     """`loader`'s batches, polling for a stop after each: long epoch-end loops (a kNN pass over the
     train split, evaluation, caching features) leave early enough for the checkpoint to be written
-    inside Slurm's warning. Every rank polls after the same batches: all but the last, which a
-    distributed eval loader leaves out on the ranks where it would hold only padding."""
+    inside Slurm's warning. Every rank polls after the same batches: the first `len - 1` of the
+    shortest shard's (a distributed eval loader leaves out its last batch on the ranks where it
+    would hold only padding, and cached features' shards may differ by a batch)."""
     polls = len(loader) - 1
+    agreement = _distributed_agreement()
+    if agreement is not None:
+        polls = agreement.fewest(polls)
     for i, batch in enumerate(loader):
         yield batch
         if i < polls and agreed():
