@@ -126,11 +126,11 @@ def compiled(model: nn.Module, backend: str | Callable = "inductor") -> nn.Modul
     return torch.compile(model, backend=backend, dynamic=False)
 
 
-def use_compile_cache(run_dir: str | Path) -> Path:
+def use_compile_cache(run_dir: str | Path) -> None:
     """Inductor's on-disk cache (FX graphs, AOT autograd, Triton kernels) under the run folder, unless
     TORCHINDUCTOR_CACHE_DIR names one (a cache shared by runs): a requeued job, on whichever node,
     finds its graphs there instead of recompiling each from scratch (the default is the node's /tmp)."""
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(run_dir) / "compile_cache")))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(run_dir) / "compile_cache"))
 
 
 @dataclass
