@@ -29,7 +29,8 @@ from fastssl.train import depth_growth, engine, flops, optim, progressive, stop
 
 from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 
-IMAGENET_RECIPES = "recipes/mae_vit_base_800ep.yaml,recipes/mae_vit_base_800ep_fast.yaml,recipes/mae_vit_large_800ep.yaml"
+IMAGENET_RECIPES = ",".join(f"recipes/{name}.yaml" for name in
+                            ("mae_vit_base_800ep", "mae_vit_base_800ep_fast", "mae_vit_large_800ep"))
 
 
 class StageStep:
@@ -102,7 +103,8 @@ def bench_stage(model: torch.nn.Module, opt: torch.optim.Optimizer, stage: progr
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stats = measure_interleaved({"async": partial(s.run, steps, False), "sync": partial(s.run, steps, True)}, runs)
-    return {"warmup_s": warmup_s, "variants": stats, "sync_cost": 1 - stats["sync"]["median"] / stats["async"]["median"],
+    return {"warmup_s": warmup_s, "variants": stats,
+            "sync_cost": 1 - stats["sync"]["median"] / stats["async"]["median"],
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 

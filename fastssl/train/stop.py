@@ -11,7 +11,7 @@ runs) and the CPU does not wait on the network either; a stop lands one step aft
 from __future__ import annotations
 
 import signal
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class _Agreement:
     """The rank-wide OR of the flag, one poll behind, on a gloo group: only CPU memory is touched."""
 
     def __init__(self) -> None:
-        self.group = tdist.new_group(backend="gloo")  # collective: the first poll, on every rank
+        self.group = tdist.new_group(backend="gloo")  # collective: every rank builds it at first use
         self.view = np.zeros(1, dtype=np.float32)  # the reduced value, read without a tensor op
         self.flag = torch.from_numpy(self.view)
         self.pending: Any = None
@@ -62,7 +62,6 @@ class _Agreement:
             self.view[0] = float(_requested)
             self.pending = tdist.all_reduce(self.flag, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
-
 
     def fewest(self, n: int) -> int:
         """The smallest `n` over the ranks (a blocking CPU all-reduce, once per loop)."""
