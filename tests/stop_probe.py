@@ -1,8 +1,10 @@
-"""`engine.fit` with the stop handler armed, counting the calls that read a tensor's value on the host
-(a device sync on a GPU) by the optimizer step they follow; one rank sends itself USR2 after a chosen
-step. `torchrun --nproc-per-node 2 -m tests.stop_probe OUT SIGNAL_STEP` writes OUT/rank<r>.json (for
-test_stop.py); `count_host_reads` runs in-process too. `... OUT watch`: `stop.watch` over shards of
-unequal length.
+"""Two gloo ranks through a stop and a resume: `torchrun --nproc-per-node 2 -m tests.stop_probe OUT`
+writes OUT/rank<r>.json (for test_stop.py) with, in turn,
+'fit': `engine.fit` armed, the calls that read a tensor's value on the host (a device sync on a GPU)
+counted by the optimizer step they follow, rank 1 sending itself USR2 during step SIGNAL_STEP;
+'watch': `stop.watch` over shards of unequal length, then a stop agreed after it;
+'resume': `engine.load_agreed` on OUT/resume while rank 1's file system lags, then cannot read.
+`count_host_reads` runs in-process too.
 """
 from __future__ import annotations
 
@@ -19,13 +21,14 @@ from torch import nn
 
 from fastssl.config import RunConfig
 from fastssl.run import dist
-from fastssl.train import engine, progressive, stop
+from fastssl.train import checkpoint, engine, progressive, stop
 from fastssl.train.logger import RunLogger
 from tests.test_engine import TensorLoader, mse
 
 HOST_READS = ("item", "__bool__", "tolist", "cpu", "numpy", "nonzero")
 LOG_EVERY = 4
 STEPS = 12
+SIGNAL_STEP = 5
 
 
 @contextlib.contextmanager
@@ -79,8 +82,6 @@ def count_host_reads(run_dir: Path, info: dist.DistInfo, signal_step: int | None
             engine.fit(cfg, info, model, opt, loader, mse, progressive.constant(32), logger)
         except stop.StopRequested:
             stopped_at = step[0]
-    from fastssl.train import checkpoint
-
     return {"reads": dict(reads), "stopped_at": stopped_at,
             "checkpoints": [p.name for p in checkpoint.list_checkpoints(run_dir)]}
 
@@ -99,11 +100,28 @@ def watched(info: dist.DistInfo) -> dict:
     return {"seen": len(seen), "polls": polls}
 
 
+def resumed(info: dist.DistInfo, run_dir: Path) -> dict:
+    """{'lagging': the step each rank loaded while rank 1 lists only the older checkpoint,
+    'unreadable': the one-line error each rank stopped with while rank 1 cannot read rank 0's choice}."""
+    cfg, report = RunConfig(run_dir=str(run_dir)), {}
+    if info.rank == 1:
+        listed = checkpoint.list_checkpoints
+        checkpoint.list_checkpoints = lambda d: listed(d)[:1]
+    report["lagging"] = engine.load_agreed(cfg, info)["step"]
+    if info.rank == 1:
+        checkpoint.load = lambda path: (None, "FileNotFoundError: not synced yet")
+    try:
+        engine.load_agreed(cfg, info)
+    except checkpoint.Unreadable as e:
+        report["unreadable"] = str(e)
+    return report
+
+
 if __name__ == "__main__":
-    out, what = sys.argv[1], sys.argv[2]
+    out = Path(sys.argv[1])
     info = dist.init("cpu")
-    if what == "watch":
-        report = watched(info)
-    else:
-        report = count_host_reads(Path(out) / "run", info, int(what) if info.rank == 1 else None)
-    Path(out, f"rank{info.rank}.json").write_text(json.dumps(report))
+    report = {"fit": count_host_reads(out / "run", info, SIGNAL_STEP if info.rank == 1 else None)}
+    stop._requested = False  # the next scenario starts unasked
+    report["watch"] = watched(info)
+    report["resume"] = resumed(info, out / "resume")
+    (out / f"rank{info.rank}.json").write_text(json.dumps(report))

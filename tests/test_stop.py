@@ -26,16 +26,44 @@ def test_an_armed_step_reads_nothing_back_between_log_steps(tmp_path):
     assert report["reads"].get(stop_probe.LOG_EVERY, 0) > 0  # the counters see the log line's loss
 
 
-def test_two_ranks_stop_at_the_same_step_without_host_reads(tmp_path):
-    r = ddp_probe.torchrun("tests.stop_probe", str(tmp_path), "5", port=29731)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """tests.stop_probe's reports of its 2 gloo ranks (one torchrun for all three scenarios)."""
+    import torch
+
+    from fastssl.train import checkpoint
+
+    out = tmp_path_factory.mktemp("two_ranks")
+    for step in (10, 20):
+        checkpoint.save({"step": step, "w": torch.zeros(2)}, out / "resume", step, keep_last=5)
+    r = ddp_probe.torchrun("tests.stop_probe", str(out), port=29731)
     assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
+    return [json.loads((out / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+
+def test_two_ranks_stop_at_the_same_step_without_host_reads(two_ranks):
+    fits = [rk["fit"] for rk in two_ranks]
     # rank 1 signalled itself during step 5: its flag goes into the reduction started after step 5,
     # which both ranks read after step 6, save and stop (one step late, never a host read)
-    assert [rk["stopped_at"] for rk in ranks] == [6, 6]
-    assert ranks[0]["checkpoints"] == ["ckpt_000000006.pt"]
-    for rk in ranks:
-        assert set(off_log_steps(rk["reads"])) <= {"6"}  # the stop's own log line and save
+    assert stop_probe.SIGNAL_STEP == 5 and [f["stopped_at"] for f in fits] == [6, 6]
+    assert fits[0]["checkpoints"] == ["ckpt_000000006.pt"]
+    for f in fits:
+        assert set(off_log_steps(f["reads"])) <= {"6"}  # the stop's own log line and save
+
+
+def test_ranks_whose_shards_differ_by_a_batch_stay_in_step_through_a_watched_loop(two_ranks):
+    watches = [rk["watch"] for rk in two_ranks]
+    assert [w["seen"] for w in watches] == [4, 5]
+    # in step after the loop: the request goes into the reduction the first poll starts, the second reads it
+    assert [w["polls"] for w in watches] == [2, 2]
+
+
+def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_all_stop(two_ranks):
+    resumes = [rk["resume"] for rk in two_ranks]
+    assert [r["lagging"] for r in resumes] == [20, 20]  # rank 1 alone would have taken step 10
+    assert resumes[0]["unreadable"] == resumes[1]["unreadable"]
+    assert resumes[0]["unreadable"].startswith("rank 1 cannot read ")
+    assert "ckpt_000000020.pt" in resumes[0]["unreadable"] and "\n" not in resumes[0]["unreadable"]
 
 
 def test_watch_cuts_a_loop_short_after_the_request_but_never_at_its_last_batch(monkeypatch):
@@ -54,15 +82,6 @@ def test_watch_cuts_a_loop_short_after_the_request_but_never_at_its_last_batch(m
         if b == 2:
             stop.request()  # after the last poll: the loop ends, the next one stops
     assert seen == [0, 1, 2]
-
-
-def test_ranks_whose_shards_differ_by_a_batch_stay_in_step_through_a_watched_loop(tmp_path):
-    r = ddp_probe.torchrun("tests.stop_probe", str(tmp_path), "watch", port=29737)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
-    assert [rk["seen"] for rk in ranks] == [4, 5]
-    # in step after the loop: the request goes into the reduction the first poll starts, the second reads it
-    assert [rk["polls"] for rk in ranks] == [2, 2]
 
 
 def test_a_stop_during_epoch_end_evaluation_saves_the_epoch_and_stops(tmp_path):
@@ -95,18 +114,3 @@ def test_a_stop_during_epoch_end_evaluation_saves_the_epoch_and_stops(tmp_path):
     state = checkpoint.load_latest(tmp_path)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 4  # the next run starts epoch 2
 
-
-def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_all_stop(tmp_path):
-    import torch
-
-    from fastssl.train import checkpoint
-
-    for step in (10, 20):
-        checkpoint.save({"step": step, "w": torch.zeros(2)}, tmp_path / "run", step, keep_last=5)
-    r = ddp_probe.torchrun("tests.resume_probe", str(tmp_path / "run"), str(tmp_path), port=29733)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1)]
-    assert [rk["lagging"] for rk in ranks] == [20, 20]  # rank 1 alone would have taken step 10
-    assert ranks[0]["unreadable"] == ranks[1]["unreadable"]
-    assert ranks[0]["unreadable"].startswith("rank 1 cannot read ")
-    assert "ckpt_000000020.pt" in ranks[0]["unreadable"] and "\n" not in ranks[0]["unreadable"]
