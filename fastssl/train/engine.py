@@ -61,6 +61,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 class StageHook(Protocol):
     """Applies stages to the model (e.g. `depth_growth.DepthGrowth`); its state is checkpointed."""
 
+    unused_params: bool  # some trainable parameters may get no gradient in a step (a supernet)
+
     def enter(self, stage: Stage, step: int) -> bool: ...  # True: module structure changed
     def after_step(self, step: int) -> None: ...
     def lr_factor(self, step: int) -> float: ...
@@ -170,13 +172,15 @@ def save(cfg: RunConfig, info: dist.DistInfo, state: TrainState) -> None:
     dist.barrier()
 
 
-def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module,
+                     find_unused: bool = False) -> tuple[nn.Module, nn.Module]:
     """(DDP wrapper or the model, what the step calls: that, compiled if asked). DDP registers hooks on
     the parameters that need grads now and compiled code assumes the module structure, so both are
-    built again after growth (recompiling once per new shape after it)."""
+    built again after growth (recompiling once per new shape after it). `find_unused`: steps may leave
+    some trainable parameters without a gradient (a supernet's skipped blocks)."""
     if cfg.compile:
         torch._dynamo.reset()
-    ddp = DistributedDataParallel(model) if info.distributed else model
+    ddp = DistributedDataParallel(model, find_unused_parameters=find_unused) if info.distributed else model
     return ddp, compiled(ddp) if cfg.compile else ddp
 
 
@@ -296,7 +300,7 @@ def fit(
         changed = stages is not None and stages.enter(stage, progress.step)
         if step_model is None or changed:
             ddp = step_model = None  # the old wrapper's hooks go before the new one's are registered
-            ddp, step_model = build_step_model(cfg, info, model)
+            ddp, step_model = build_step_model(cfg, info, model, stages is not None and stages.unused_params)
         if stage != logged_stage:
             logger.log({**{f"stage/{k}": v for k, v in vars(stage).items() if v is not None},
                         "stage/micro_batch": micro_batch, "stage/accum_steps": accum}, progress.step)
