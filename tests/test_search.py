@@ -5,8 +5,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,8 @@ from fastssl.config import PretrainConfig, load_config
 from fastssl.errors import ConfigError
 from fastssl.models import growth
 from fastssl.train import checkpoint, pretrain, search
+from tests.ddp_probe import torchrun
+from tests.test_progressive_pretrain import _equal, _flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes/demo/pretrain_cpu.yaml"
@@ -93,6 +93,42 @@ def test_autoprog_growth_map():
     assert growth.sources("interleave", 2, 4, "autoprog") == [0, 0, 1, 1]
 
 
+@pytest.mark.parametrize("layer_map", ["floor", "autoprog"])
+def test_supernet_candidates_nest_and_the_current_depth_is_the_pre_growth_network(layer_map):
+    """Grown from 2 to 4 blocks by MoGrow: the depth-2 candidate skips both copies and computes what
+    the network computed before the growth; each candidate's plan holds the shallower ones'."""
+    from fastssl.models import build_mae
+    from fastssl.run.dist import DistInfo
+    from fastssl.train import optim
+    from fastssl.train.progressive import Stage
+
+    cfg = load_config(PretrainConfig, RECIPE, [
+        "optim.warmup_epochs=0", f"progressive.growth={{op: mogrow, optimizer: carry, map: {layer_map}}}",
+        "progressive.search.stages=[{epoch: 0, depths: [2]}, {epoch: 1, depths: [2, 3, 4]}]", "progressive.search.snapshots=2"])
+    build = lambda: build_mae("micro", patch_size=8)  # noqa: E731
+    torch.manual_seed(0)
+    model = build()
+    opt = optim.adamw(model, 1e-3, 0.05, (0.9, 0.95), torch.device("cpu"))
+    hook = search.SearchGrowth(model, opt, cfg, DistInfo(), steps_per_epoch=3, build=build)
+    stage = Stage(res=32, mask_ratio=0.75)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    hook.enter(stage, 0)
+    assert model.layer_plan == [0, 1]
+    hook.after_step(1)
+    model.eval()
+    with torch.no_grad():  # a change the blocks' EMA has not followed: MoGrow's copies differ from block 0
+        model.blocks[0].attn.proj.weight.add_(0.1)
+        before = model(imgs, mask_ratio=0.75, noise=noise)[1]
+    assert hook.enter(stage, 3)  # the supernet: a new structure for DDP and compile
+    plans = hook.supernet["plans"]
+    assert hook.supernet["depths"] == [2, 3, 4] and hook.unused_params
+    assert set(plans[0]) < set(plans[1]) < set(plans[2]) == {0, 1, 2, 3}
+    assert all(p.requires_grad for b in model.blocks[:4] for p in b.parameters())
+    model.layer_plan = plans[0]
+    with torch.no_grad():
+        assert torch.equal(model(imgs, mask_ratio=0.75, noise=noise)[1], before)
+
+
 # ---- the recipe ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("override, message", [
@@ -119,18 +155,6 @@ def test_search_recipes_load():
 
 
 # ---- end to end ----------------------------------------------------------------------------------
-
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        return {k2: v2 for k, v in tree.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
-    if isinstance(tree, (list, tuple)):
-        return {k2: v2 for i, v in enumerate(tree) for k2, v2 in _flatten(v, f"{prefix}{i}.").items()}
-    return {prefix: tree}
-
-
-def _equal(a, b):
-    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
-
 
 def test_search_run_decides_logs_and_resumes_mid_search_bitwise(demo_betons, tmp_path, capsys):
     """The unbroken run decides stage 1 among depths 1/2/3 at the end of epoch 2 and grows to 4 at
@@ -179,12 +203,9 @@ def test_two_gloo_processes_agree_on_every_decision(demo_betons, tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-         "-m", "tests.ddp_probe", str(tmp_path), str(RECIPE),
-         *demo_args(demo_betons, run_dir, *SEARCH_RUN, "checkpoint.every_epochs=5")],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=180)
+    r = torchrun("tests.ddp_probe", str(tmp_path), str(RECIPE),
+                 *demo_args(demo_betons, run_dir, *SEARCH_RUN, "checkpoint.every_epochs=5"),
+                 port=port, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert reports[0]["weights"] == reports[1]["weights"], "ranks ended with different weights"

@@ -229,7 +229,8 @@ class SearchGrowth(DepthGrowth):
             order = [m.block for m in moves if m.continues] + [m.block for m in moves if not m.continues]
         self.supernet = {"stage": k, "epoch": epoch, "depths": depths, "plan": list(range(top)),
                          "plans": [sorted(order[:d]) for d in depths], "loss_sum": [0.0] * len(depths),
-                         "time_sum": [0.0] * len(depths), "snapshots": 0, "began": time.time()}
+                         "time_sum": [0.0] * len(depths), "snapshots": 0, "began": time.time(),
+                         "scoring_seconds": 0.0}
         self.score_ema = {k_: v.detach().clone() for k_, v in self.model.state_dict().items()
                           if torch.is_floating_point(v)}
         if self.logger is not None:
@@ -337,6 +338,7 @@ class SearchGrowth(DepthGrowth):
         return t.tolist()
 
     def _snapshot(self) -> None:
+        t0 = time.perf_counter()
         images, noise = self._eval_set(self.stage.res)
         model = self._scored_model()
         losses, times = self._losses(model, images, noise), self._times(model, images, noise)
@@ -344,6 +346,7 @@ class SearchGrowth(DepthGrowth):
         sn["loss_sum"] = [a + b for a, b in zip(sn["loss_sum"], losses)]
         sn["time_sum"] = [a + b for a, b in zip(sn["time_sum"], times)]
         sn["snapshots"] += 1
+        sn["scoring_seconds"] += time.perf_counter() - t0
 
     def _decide(self, step: int) -> None:
         sn = self.supernet
@@ -352,7 +355,7 @@ class SearchGrowth(DepthGrowth):
         decision["winner"] = broadcast_winner(decision["winner"], self.info.device)
         self._record({**decision, "stage": sn["stage"], "epoch": sn["epoch"], "step": step,
                       "plan": sn["plans"][decision["winner"]], "applied": False,
-                      "seconds": time.time() - sn["began"]})
+                      "seconds": time.time() - sn["began"], "scoring_seconds": sn["scoring_seconds"]})
         self.supernet = self.score_ema = self._scratch = self._eval = None
 
     def _record(self, decision: dict) -> None:
