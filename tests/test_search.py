@@ -127,6 +127,29 @@ def test_supernet_candidates_nest_and_the_current_depth_is_the_pre_growth_networ
     model.layer_plan = plans[0]
     with torch.no_grad():
         assert torch.equal(model(imgs, mask_ratio=0.75, noise=noise)[1], before)
+    scored = hook._scored_model()
+    assert hook._times(scored, imgs, noise) == sorted(hook._times(scored, imgs, noise))  # FLOPs grow with depth
+    hook.scfg.time = "measured"
+    assert all(t > 0 for t in hook._times(scored, imgs, noise))  # seconds of fwd + bwd per candidate
+
+
+def test_flops_range_and_a_runs_choice(tmp_path, capsys):
+    """`python -m fastssl.flops` on the demo search recipe: the shallowest and deepest schedules, and
+    the one a run folder's log.jsonl recorded."""
+    from fastssl.train import flops
+
+    lines = [{"step": 0, "search/stage": 0, "search/winner": 1}, {"step": 132, "search/stage": 1, "search/winner": 2},
+             {"step": 242, "search/stage": 2, "search/winner": 4}, {"step": 330, "search/stage": 3, "search/winner": 4}]
+    (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    flops.main([str(ROOT / "recipes/demo/pretrain_cpu_search.yaml"), "--images", "1408", "--json", "--run", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out)
+    depths = {k: [s["depth"] for s in v["stages"]] for k, v in out.items()}
+    assert depths == {"shallowest": [1, 1, 2, 4], "deepest": [1, 3, 4, 4], "run": [1, 2, 4, 4]}
+    assert out["shallowest"]["total"] < out["run"]["total"] < out["deepest"]["total"]
+    assert 0 < out["run"]["supernet"] < out["run"]["total"] and out["run"]["scoring"] > 0
+    with pytest.raises(SystemExit) as e:
+        flops.main([str(ROOT / "recipes/demo/pretrain_cpu_search.yaml"), "--run", str(tmp_path / "none")])
+    assert e.value.code == 2 and "no log.jsonl there" in capsys.readouterr().err
 
 
 # ---- the recipe ----------------------------------------------------------------------------------

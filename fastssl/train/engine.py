@@ -300,7 +300,7 @@ def fit(
         changed = stages is not None and stages.enter(stage, progress.step)
         if step_model is None or changed:
             ddp = step_model = None  # the old wrapper's hooks go before the new one's are registered
-            ddp, step_model = build_step_model(cfg, info, model, stages is not None and stages.unused_params)
+            ddp, step_model = build_step_model(cfg, info, model, getattr(stages, "unused_params", False))
         if stage != logged_stage:
             logger.log({**{f"stage/{k}": v for k, v in vars(stage).items() if v is not None},
                         "stage/micro_batch": micro_batch, "stage/accum_steps": accum}, progress.step)

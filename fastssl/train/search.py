@@ -201,8 +201,7 @@ class SearchGrowth(DepthGrowth):
             changed |= self._begin(k, step)
         if self.supernet is None:
             return super().enter(replace(stage, depth=self.depth_target), step) or changed
-        if stage.drop_path != self.drop_path:
-            self.drop_path = stage.drop_path
+        self.drop_path = stage.drop_path
         self._set_candidate(step)
         self._set_gates(step)
         return changed
