@@ -5,7 +5,7 @@ depths, training FLOPs, search overhead, pretraining wall time and linear-probe 
 
 Runs the commands a user types (`python -m fastssl.pretrain recipes/demo/pretrain_cpu{,_autoprog,_search}.yaml`,
 then `python -m fastssl.linprobe`) for each seed, prints a table (top-1 mean ± half the range over
-seeds) and writes benchmarks/results/autoprog_search_demo.json after every seed. Search overhead is the
+seeds) and writes benchmarks/results/autoprog_search_demo.json after every run. Search overhead is the
 share of the run's training FLOPs spent in supernet epochs and scoring (`python -m fastssl.flops
 --run`), and the share of its wall time from each search's start to its decision (scoring alone
 beside it). `--quick`: the searched run of one seed, no probe (its schedule and overhead only).
@@ -51,7 +51,8 @@ def scaled(recipe: str, epochs: int | None) -> list[str]:
     f, p = epochs / cfg.epochs, cfg.progressive
     out = [f"epochs={epochs}", f"optim.warmup_epochs={cfg.optim.warmup_epochs * f:g}"]
     if p.stages:
-        items = [{**{k: v for k, v in vars(st).items() if v is not None}, "epoch": round(st.epoch * f)} for st in p.stages]
+        items = [{**{k: v for k, v in vars(st).items() if v is not None}, "epoch": round(st.epoch * f)}
+                 for st in p.stages]
         out.append("progressive.stages=" + json.dumps(items))
     if p.search.stages:
         items = [{"epoch": round(st.epoch * f), "depths": st.depths} for st in p.search.stages]
@@ -111,7 +112,7 @@ def main() -> None:
             runs.append(row)
             print(f"seed {seed} {name}: depths {row['depths']}, pretrain {wall:.1f} s"
                   + (f", linear-probe top-1 {row['linprobe_top1']:.2f}%" if "linprobe_top1" in row else ""), flush=True)
-        report(runs, recipes, args.epochs)
+            report(runs, {n: r for n, r in recipes.items() if any(x["run"] == n for x in runs)}, args.epochs)
 
 
 def report(runs: list[dict], recipes: dict[str, str], epochs: int | None) -> None:
@@ -131,15 +132,18 @@ def report(runs: list[dict], recipes: dict[str, str], epochs: int | None) -> Non
                       "linprobe_top1_mean": statistics.mean(top1) if top1 else None,
                       "linprobe_top1_half_range": (max(top1) - min(top1)) / 2 if top1 else None}
     seeds = sorted({r["seed"] for r in runs})
-    print_table(f"searched vs manual AutoProg vs fixed-size pretraining on the demo, {epochs or 40} epochs, seeds {seeds}",
+    print_table(f"searched vs manual AutoProg vs fixed-size pretraining on the demo, {epochs or 40} epochs, "
+                f"seeds {seeds}",
                 ["run", "recipe", "depths (per stage)", "FLOPs ratio", "search FLOPs", "search wall (scoring)",
                  "pretrain wall s", "LP top-1 per seed", "LP top-1 mean"],
-                [[name, f"`{r['recipe'].removeprefix('recipes/')}`", ", ".join(r["depths"]), f"{r['flops_ratio']:.2f}x",
+                [[name, f"`{r['recipe'].removeprefix('recipes/')}`", ", ".join(r["depths"]),
+                  f"{r['flops_ratio']:.2f}x",
                   f"{r['search_flops_share']:.1%}", f"{r['search_wall_share']:.1%} ({r['scoring_wall_share']:.1%})",
                   f"{r['pretrain_wall_s_mean']:.1f}", " ".join(f"{t:.2f}" for t in r["linprobe_top1"]) or "-",
                   f"{r['linprobe_top1_mean']:.2f} ±{r['linprobe_top1_half_range']:.2f}" if r["linprobe_top1"] else "-"]
                  for name, r in rows.items()])
-    print(f"wrote {write_results('autoprog_search_demo', {'seeds': seeds, 'epochs': epochs or 40, 'probe': PROBE, 'rows': rows, 'runs': runs})}")
+    results = {"seeds": seeds, "epochs": epochs or 40, "probe": PROBE, "rows": rows, "runs": runs}
+    print(f"wrote {write_results('autoprog_search_demo', results)}")
 
 
 if __name__ == "__main__":

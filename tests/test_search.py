@@ -104,7 +104,8 @@ def test_supernet_candidates_nest_and_the_current_depth_is_the_pre_growth_networ
 
     cfg = load_config(PretrainConfig, RECIPE, [
         "optim.warmup_epochs=0", f"progressive.growth={{op: mogrow, optimizer: carry, map: {layer_map}}}",
-        "progressive.search.stages=[{epoch: 0, depths: [2]}, {epoch: 1, depths: [2, 3, 4]}]", "progressive.search.snapshots=2"])
+        "progressive.search.stages=[{epoch: 0, depths: [2]}, {epoch: 1, depths: [2, 3, 4]}]",
+        "progressive.search.snapshots=2"])
     build = lambda: build_mae("micro", patch_size=8)  # noqa: E731
     torch.manual_seed(0)
     model = build()
@@ -141,14 +142,15 @@ def test_flops_range_and_a_runs_choice(tmp_path, capsys):
     lines = [{"step": 0, "search/stage": 0, "search/winner": 1}, {"step": 132, "search/stage": 1, "search/winner": 2},
              {"step": 242, "search/stage": 2, "search/winner": 4}, {"step": 330, "search/stage": 3, "search/winner": 4}]
     (tmp_path / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
-    flops.main([str(ROOT / "recipes/demo/pretrain_cpu_search.yaml"), "--images", "1408", "--json", "--run", str(tmp_path)])
+    recipe = str(ROOT / "recipes/demo/pretrain_cpu_search.yaml")
+    flops.main([recipe, "--images", "1408", "--json", "--run", str(tmp_path)])
     out = json.loads(capsys.readouterr().out)
     depths = {k: [s["depth"] for s in v["stages"]] for k, v in out.items()}
     assert depths == {"shallowest": [1, 1, 2, 4], "deepest": [1, 3, 4, 4], "run": [1, 2, 4, 4]}
     assert out["shallowest"]["total"] < out["run"]["total"] < out["deepest"]["total"]
     assert 0 < out["run"]["supernet"] < out["run"]["total"] and out["run"]["scoring"] > 0
     with pytest.raises(SystemExit) as e:
-        flops.main([str(ROOT / "recipes/demo/pretrain_cpu_search.yaml"), "--run", str(tmp_path / "none")])
+        flops.main([recipe, "--run", str(tmp_path / "none")])
     assert e.value.code == 2 and "no log.jsonl there" in capsys.readouterr().err
 
 

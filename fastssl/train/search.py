@@ -169,7 +169,8 @@ class SearchGrowth(DepthGrowth):
                  info: dist.DistInfo, steps_per_epoch: int, build: Callable[[], nn.Module]):
         first = cfg.progressive.search.stages[0].depths
         super().__init__(model, optimizer, cfg.progressive.growth, max(first))
-        self.run_cfg, self.scfg, self.info, self.spe, self.build = cfg, cfg.progressive.search, info, steps_per_epoch, build
+        self.run_cfg, self.scfg, self.info = cfg, cfg.progressive.search, info
+        self.spe, self.build = steps_per_epoch, build
         if self.scfg.snapshots > steps_per_epoch:
             raise ConfigError(f"progressive.search.snapshots={self.scfg.snapshots}: must be <= the "
                               f"{steps_per_epoch} steps of an epoch")
@@ -178,7 +179,8 @@ class SearchGrowth(DepthGrowth):
         self.supernet: dict | None = None  # the search in progress
         self.score_ema: dict[str, torch.Tensor] | None = None
         self.logger: RunLogger | None = None
-        self._eval: tuple[int, int, torch.Tensor, torch.Tensor] | None = None  # (res, images in all, this rank's images, noise)
+        # (res, images over all ranks, this rank's images, their mask noise)
+        self._eval: tuple[int, int, torch.Tensor, torch.Tensor] | None = None
         self._scratch: nn.Module | None = None
 
     @property
