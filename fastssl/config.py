@@ -17,6 +17,7 @@ import yaml
 
 from fastssl import atomic
 from fastssl.errors import ConfigError
+from fastssl.models.sizes import get_size
 from fastssl.train.progressive import from_config
 
 
@@ -212,6 +213,35 @@ class GrowthConfig:
     rewarmup_steps: int = 0  # linear LR re-warmup after each growth; the global schedule continues
     gate_steps: int = 5000  # `gated`: new blocks' gate m ramps 0 -> 1 over this many steps (MSG)
     ema_decay: float = 0.9996  # `mogrow`: EMA of the encoder blocks that grown blocks copy (AutoProg)
+    # which old layer each new position copies (copying ops): floor = j L / L' rounded down; autoprog =
+    # AutoProg's `new_idx` (the last L' - L layers duplicated in place: 6 -> 8 is [0,1,2,3,4,4,5,5])
+    map: Literal["floor", "autoprog"] = "floor"
+
+
+@dataclass
+class SearchStageConfig:
+    """A stage whose encoder depth the run picks among `depths` (those >= the depth it has then)."""
+
+    epoch: int = 0
+    depths: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SearchConfig:
+    """AutoProg's automated growth (fastssl/train/search.py): at each stage start with two or more
+    candidate depths, `search_epochs` epochs train a supernet (one uniformly drawn candidate per step,
+    counted in the budget), then each candidate's MAE loss L on a fixed evaluation set and its time T
+    per step decide the depth. Empty `stages`: no search. Resolution and mask ratio stay the manual
+    schedule's (progressive.stages / ramp): the search picks depth only."""
+
+    stages: list[SearchStageConfig] = field(default_factory=list)
+    search_epochs: int = 2
+    snapshots: int = 5  # evaluations of every candidate, evenly spaced over the last search epoch
+    eval_images: int = 6400  # the fixed evaluation set: this many train images, centre crops
+    eval_batch: int = 128
+    time: Literal["flops", "measured"] = "flops"  # flops: reproducible; measured: fwd+bwd, max over ranks
+    ema_decay: float = 0.998  # the EMA of the whole MAE that is scored (AutoProg's first decay)
+    in_warmup: bool = False  # allow a search that starts inside the LR warm-up
 
 
 @dataclass
@@ -223,6 +253,7 @@ class ProgressiveConfig:
     # mask ratio per resolution such that the visible tokens per image stay those of the final stage
     couple_mask: bool = False
     growth: GrowthConfig = field(default_factory=GrowthConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def stage_list(self) -> list[StageConfig]:
         """The explicit stages, or one from epoch 0 that keeps every recipe value."""
@@ -263,6 +294,9 @@ class PretrainConfig(RunConfig):
         _check(self.scalenet.adapter_lr_scale > 0, "scalenet.adapter_lr_scale", self.scalenet.adapter_lr_scale,
                "must be > 0")
         from_config(self)  # every schedule mistake, before anything runs
+        from fastssl.train import search  # imports the config module: not at the top
+
+        search.check_config(self, self.model.depth or get_size(self.model.size).depth)
 
     def validate_world(self, world_size: int) -> None:
         super().validate_world(world_size)

@@ -2,7 +2,8 @@
 
 Growing from L to L' executed blocks maps each new position j to an old position (`sources`):
 - `stack`       j mod L: the whole stack copied on top (StackingBERT);
-- `interleave`  floor(j L / L'): each layer duplicated in place (AutoProg);
+- `interleave`  floor(j L / L'): each layer duplicated in place (AutoProg); with map `autoprog`,
+                AutoProg's own `new_idx`: the last L' - L layers duplicated in place;
 - `mogrow`      interleave, the duplicates copied from an EMA of the weights (AutoProg's MoGrow);
 - `zero`        old layers stay, new ones appended with zero `attn.proj` and `mlp.fc2`: for pre-norm
                 blocks each is then the identity, so the grown model computes the same function;
@@ -30,12 +31,19 @@ class Move:
     continues: bool  # it *is* that source, relocated: keeps its optimizer state under `carry`
 
 
-def sources(op: str, old: int, new: int) -> list[int | None]:
+def _autoprog_map(old: int, new: int) -> list[int]:
+    """AutoProg's `new_idx` (6 -> 8: [0,1,2,3,4,4,5,5]): the extra L' - L positions go to the last
+    layers, one each from the top down, round-robin when there are more extras than layers."""
+    copies = [1 + (new - old) // old + (i >= old - (new - old) % old) for i in range(old)]
+    return [i for i, c in enumerate(copies) for _ in range(c)]
+
+
+def sources(op: str, old: int, new: int, layer_map: str = "floor") -> list[int | None]:
     """New position -> old position it copies, or None for a fresh block."""
     if op == "stack":
         return [j % old for j in range(new)]
     if op in ("interleave", "mogrow"):
-        return [j * old // new for j in range(new)]
+        return _autoprog_map(old, new) if layer_map == "autoprog" else [j * old // new for j in range(new)]
     if op in ("zero", "gated"):
         return [j if j < old else None for j in range(new)]
     raise ValueError(f"unknown growth op {op!r}; choose one of stack, interleave, mogrow, zero, gated")
@@ -63,7 +71,8 @@ def _clone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def grow(model: nn.Module, op: str, depth: int, ema: BlockEMA | None = None) -> list[Move]:
+def grow(model: nn.Module, op: str, depth: int, ema: BlockEMA | None = None,
+         layer_map: str = "floor") -> list[Move]:
     """Grow the executed encoder to `depth` blocks in place (same parameter objects, new values).
 
     Returns one Move per new position, for the optimizer-state policy (`optim.regrow_state`).
@@ -76,7 +85,7 @@ def grow(model: nn.Module, op: str, depth: int, ema: BlockEMA | None = None) -> 
     if op == "mogrow" and ema is None:
         raise ValueError("growth op 'mogrow' needs the EMA of the blocks")
     moves, seen = [], set()
-    for j, s in enumerate(sources(op, len(old_plan), depth)):
+    for j, s in enumerate(sources(op, len(old_plan), depth, layer_map)):
         source = None if s is None else old_plan[s]
         moves.append(Move(j, source, source is not None and source not in seen))
         seen.add(source)

@@ -20,6 +20,8 @@ class DepthGrowth:
     no weight decay, and DDP, rebuilt after each change, never waits for them).
     """
 
+    unused_params = False  # every trainable parameter gets a gradient in every step (DDP's default)
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: GrowthConfig,
                  start_depth: int | None):
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
@@ -41,7 +43,7 @@ class DepthGrowth:
             raise ConfigError(f"progressive: the checkpoint's encoder runs {have} blocks but the schedule "
                               f"asks for {depth}; depth may not shrink")
         if depth > have:
-            moves = growth.grow(self.model, self.cfg.op, depth, self.ema)
+            moves = growth.grow(self.model, self.cfg.op, depth, self.ema, self.cfg.map)
             optim.regrow_state(self.optimizer, self.model.blocks, moves, self.cfg.optimizer)
             if self.cfg.op == "gated":
                 self.gate_start.update({m.block: step for m in moves if m.source is None})

@@ -63,6 +63,8 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 class StageHook(Protocol):
     """Applies stages to the model (e.g. `depth_growth.DepthGrowth`); its state is checkpointed."""
 
+    unused_params: bool  # some trainable parameters may get no gradient in a step (a supernet)
+
     def enter(self, stage: Stage, step: int) -> bool: ...  # True: module structure changed
     def after_step(self, step: int) -> None: ...
     def lr_factor(self, step: int) -> float: ...
@@ -212,10 +214,12 @@ def save(cfg: RunConfig, info: dist.DistInfo, state: TrainState) -> None:
     dist.barrier()
 
 
-def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module,
+                     find_unused: bool = False) -> tuple[nn.Module, nn.Module]:
     """(DDP wrapper or the model, what the step calls: that, compiled if asked). DDP registers hooks on
     the parameters that need grads now and compiled code assumes the module structure, so both are
-    built again after growth (recompiling once per new shape after it)."""
+    built again after growth (recompiling once per new shape after it). `find_unused`: steps may leave
+    some trainable parameters without a gradient (a supernet's skipped blocks)."""
     if cfg.compile:
         use_compile_cache(cfg.run_dir)
         torch._dynamo.reset()
@@ -229,7 +233,8 @@ def build_step_model(cfg: RunConfig, info: dist.DistInfo, model: nn.Module) -> t
     # Compiled, the step is split at bucket boundaries (dynamo's DDPOptimizer) so each bucket's
     # all-reduce overlaps the rest of the backward: 17 graphs per stage for MAE ViT-B, 41 for ViT-L
     # (python -m benchmarks.ddp_graphs), each counted once, not as a recompile.
-    ddp = (DistributedDataParallel(model, gradient_as_bucket_view=True, forward_sync_buffers=False)
+    ddp = (DistributedDataParallel(model, find_unused_parameters=find_unused,
+                                   gradient_as_bucket_view=True, forward_sync_buffers=False)
            if info.distributed else model)
     return ddp, compiled(ddp) if cfg.compile else ddp
 
@@ -350,7 +355,7 @@ def fit(
         changed = stages is not None and stages.enter(stage, progress.step)
         if step_model is None or changed:
             ddp = step_model = None  # the old wrapper's hooks go before the new one's are registered
-            ddp, step_model = build_step_model(cfg, info, model)
+            ddp, step_model = build_step_model(cfg, info, model, getattr(stages, "unused_params", False))
         elif cfg.compile and (stage, micro_batch) != compiled_for:
             torch._dynamo.reset()  # new shapes: their graphs are compiled afresh, not counted as recompiles
         compiled_for = (stage, micro_batch)

@@ -85,10 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=IMAGENET_TRAIN, help="images per epoch (ImageNet-1k train)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--versus", metavar="RECIPE", help="also print the ratio to this recipe's total")
+    p.add_argument("--run", metavar="RUN_DIR", help="a search recipe: also the schedule this run chose")
     args = p.parse_args(argv)
     try:
         cfg = load_config(PretrainConfig, args.recipe, args.overrides)
         other = load_config(PretrainConfig, args.versus) if args.versus else None
+        if cfg.progressive.search.stages:  # the run picks the depths: a range, and a run's pick
+            from fastssl.train import search
+
+            out = search.print_flops(cfg, args.images, args.run)
+            print(json.dumps(out, indent=2) if args.json else f"{args.recipe}: MAE-{cfg.model.size}/"
+                  f"{cfg.model.patch_size}, {cfg.epochs} epochs x {args.images:,} images, depths searched\n"
+                  + search.format_flops(out))
+            return
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

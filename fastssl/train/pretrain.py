@@ -4,6 +4,7 @@ Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import torch
@@ -14,7 +15,7 @@ from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
 from fastssl.models.checkpoint_filter import raw_model_state
 from fastssl.run import cli
-from fastssl.train import depth_growth, engine, flops, optim, progressive
+from fastssl.train import depth_growth, engine, flops, optim, progressive, search
 from fastssl.train.visualize import save_reconstructions, spread_val_images
 
 
@@ -25,9 +26,9 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     # The stored position tables keep the 224 px grid of MAE's checkpoints; forward regenerates them
     # for whatever resolution the stage uses.
-    model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size,
-                      norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path,
-                      depth=cfg.model.depth).to(info.device)
+    build = partial(build_mae, cfg.model.size, patch_size=cfg.model.patch_size,
+                    norm_pix_loss=cfg.model.norm_pix_loss, drop_path=cfg.model.drop_path, depth=cfg.model.depth)
+    model = build().to(info.device)
     if init_state is not None:
         _restore_scalenet(model, init_state, cfg.init)  # an expanded init: its structure, then weights
         weights.load_mae(model, init_state, cfg.init)
@@ -39,8 +40,19 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
                             adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
-    stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
     loader = cli.train_loader(cfg, info)
+    train_flops = partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size)
+    if cfg.progressive.search.stages:
+        if scalenet.is_expanded(model):
+            raise ConfigError("progressive.search: a ScaleNet-expanded init runs all its positions; "
+                              "drop the search")
+        stages = search.SearchGrowth(model, optimizer, cfg, info, len(loader) // cfg.accum_steps, build)
+
+        def flops_per_image(stage: progressive.Stage) -> float:  # the epoch's depths, drawn alike
+            return sum(train_flops(replace(stage, depth=d)) for d in stages.depths_now()) / len(stages.depths_now())
+    else:
+        stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
+        flops_per_image = train_flops  # as `python -m fastssl.flops` counts them; each stage carries its depth
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
         return m(imgs, mask_ratio=stage.mask_ratio, views=stage.mask_views)[0]
@@ -48,6 +60,8 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     with cli.run_folder(cfg, info) as (run_dir, logger):
         if cfg.mask_views > 1:
             logger = ViewRateLogger(logger, cfg.mask_views)
+        if isinstance(stages, search.SearchGrowth):
+            stages.logger = logger  # its decisions go to log.jsonl
         hooks = []
         if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
             fixed = spread_val_images(cfg.data.val, cfg.data.res, info.device)
@@ -67,9 +81,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
             return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
 
         return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
-                          stages=stages,
-                          # as `python -m fastssl.flops` counts them; each stage carries its depth
-                          flops_per_image=partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
+                          stages=stages, flops_per_image=flops_per_image)
 
 
 class ViewRateLogger:
