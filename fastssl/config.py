@@ -207,11 +207,22 @@ class StageConfig:
 
 @dataclass
 class GrowthConfig:
-    op: Literal["stack", "interleave", "zero", "gated", "mogrow"] = "zero"
+    op: Literal["stack", "interleave", "interpolate", "zero", "gated", "mogrow"] = "zero"
     optimizer: Literal["reset", "carry", "copy"] = "carry"  # what new/old params' AdamW state becomes
     rewarmup_steps: int = 0  # linear LR re-warmup after each growth; the global schedule continues
     gate_steps: int = 5000  # `gated`: new blocks' gate m ramps 0 -> 1 over this many steps (MSG)
     ema_decay: float = 0.9996  # `mogrow`: EMA of the encoder blocks that grown blocks copy (AutoProg)
+
+
+@dataclass
+class ElasticDepthConfig:
+    """Apollo's per-step elastic depth (`train/elastic_depth.py`): each step runs a depth drawn by LVPS
+    from round(linspace(N, max_depth, num_depths)), p ∝ exp(-(L - N) / (max_depth - N) / temperature),
+    its positions sharing the stage's N physical blocks."""
+
+    max_depth: Optional[int] = None  # null: the encoder's full depth
+    num_depths: int = 4  # at most this many depths per stage (one compiled graph each)
+    temperature: float = 0.5  # p(max_depth) / p(N) = exp(-1 / temperature)
 
 
 @dataclass
@@ -223,6 +234,7 @@ class ProgressiveConfig:
     # mask ratio per resolution such that the visible tokens per image stay those of the final stage
     couple_mask: bool = False
     growth: GrowthConfig = field(default_factory=GrowthConfig)
+    elastic_depth: Optional[ElasticDepthConfig] = None  # null: every step runs the stage's depth
 
     def stage_list(self) -> list[StageConfig]:
         """The explicit stages, or one from epoch 0 that keeps every recipe value."""

@@ -4,7 +4,7 @@ Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a
 """
 from __future__ import annotations
 
-from functools import partial
+from dataclasses import replace
 
 import torch
 
@@ -13,7 +13,7 @@ from fastssl.eval import knn
 from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
 from fastssl.run import cli
-from fastssl.train import depth_growth, engine, flops, optim, progressive
+from fastssl.train import depth_growth, elastic_depth, engine, flops, optim, progressive
 from fastssl.train.visualize import save_reconstructions, spread_val_images
 
 
@@ -38,7 +38,11 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
     optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
                             adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
-    stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
+    elastic = None
+    if cfg.progressive.elastic_depth is not None:
+        elastic = elastic_depth.ElasticDepth(cfg.progressive.elastic_depth, len(model.blocks), cfg.seed)
+        elastic_depth.set_recompile_limit(cfg.progressive.elastic_depth.num_depths)
+    stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth, elastic)
     loader = cli.train_loader(cfg, info)
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
@@ -47,6 +51,8 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     with cli.run_folder(cfg, info) as (run_dir, logger):
         if cfg.mask_views > 1:
             logger = ViewRateLogger(logger, cfg.mask_views)
+        if elastic is not None:
+            logger = DepthLogger(logger, stages)
         hooks = []
         if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
             fixed = spread_val_images(cfg.data.val, cfg.data.res, info.device)
@@ -65,10 +71,14 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         def on_epoch_end(epoch: int, m) -> dict:
             return {k: v for hook in hooks for k, v in hook(epoch, m).items()}
 
+        def flops_per_image(stage: progressive.Stage) -> float:
+            """As `python -m fastssl.flops` counts them, at the depth this step runs (the stage's, or
+            its elastic draw: the engine asks at every step's start)."""
+            executed = replace(stage, depth=len(model.layer_plan))
+            return flops.train_flops_per_image(cfg.model.size, cfg.model.patch_size, executed)
+
         return engine.fit(cfg, info, model, optimizer, loader, loss_fn, schedule, logger, on_epoch_end,
-                          stages=stages,
-                          # as `python -m fastssl.flops` counts them; each stage carries its depth
-                          flops_per_image=partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
+                          stages=stages, flops_per_image=flops_per_image)
 
 
 class ViewRateLogger:
@@ -81,6 +91,23 @@ class ViewRateLogger:
     def log(self, metrics: dict, step: int) -> None:
         if "img_per_s" in metrics:
             metrics = {**metrics, "view_per_s": metrics["img_per_s"] * self.views}
+        self.logger.log(metrics, step)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+class DepthLogger:
+    """With elastic depth, each training line lists the executed depth of every step since the
+    previous line (`depths`, in step order) and their mean; the MFU beside it counts those depths."""
+
+    def __init__(self, logger: RunLogger, stages: depth_growth.DepthGrowth) -> None:
+        self.logger, self.stages = logger, stages
+
+    def log(self, metrics: dict, step: int) -> None:
+        if "train/loss" in metrics:
+            depths = self.stages.take_depths()
+            metrics = {**metrics, "depths": depths, "depth_mean": sum(depths) / max(len(depths), 1)}
         self.logger.log(metrics, step)
 
     def close(self) -> None:
