@@ -86,7 +86,13 @@ def main(argv: list[str] | None = None) -> dict:
                                   data, seed)
                 runs[name].append(r)
                 print(f"seed {seed} {name}: {r}", flush=True)
+            payload = report(runs, cfgs, epochs, per_class, a.quick)  # after every seed: a cut run keeps its table
+    return payload
 
+
+def report(runs: dict[str, list[dict]], cfgs: dict[str, PretrainConfig], epochs: int, per_class: int | None,
+           quick: bool) -> dict:
+    """The table over the seeds run so far, and benchmarks/results/apollo_demo.json."""
     rows = {}
     for name, (recipe, extra) in RUNS.items():
         m, f = runs[name], flops.recipe_flops(cfgs[name], images=1)
@@ -94,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
                       "stages": f["stages"], "wall_s": spread([x["wall_s"] for x in m]),
                       "mean_depth": spread([x["mean_depth"] for x in m]),
                       "top1": spread([x["top1"] for x in m]), "per_seed": m}
+    seeds = len(runs["baseline"])
     base = rows["baseline"]["wall_s"]["mean"]
     table = print_table(
         f"Apollo vs stacking vs baseline on the CPU demo ({epochs} epochs each, {seeds} seed(s): mean ± half-range; "
@@ -105,9 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"{r['top1']['mean']:.2f} ± {r['top1']['half_range']:.2f}"] for name, r in rows.items()])
     payload = {"epochs": epochs, "seeds": seeds, "per_class": per_class, "rows": rows, "table": table}
     write_results("apollo_demo", payload, {f"{name}: probe top-1 %": r["top1"]["mean"] for name, r in rows.items()},
-                  quick=a.quick)
+                  quick=quick)
     return payload
-
 
 if __name__ == "__main__":
     main()

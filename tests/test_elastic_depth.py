@@ -1,7 +1,13 @@
 """Apollo's elastic depth (LVPS draws, shared blocks) and interpolation growth, on a micro MAE."""
 import copy
+import json
 import math
+import os
 import random
+import shutil
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +19,7 @@ from fastssl.models import build_mae, growth
 from fastssl.train import elastic_depth, engine, flops, optim
 from fastssl.train.depth_growth import DepthGrowth
 from fastssl.train.progressive import Stage
+from tests.test_progressive_pretrain import _equal, _flatten, demo_args
 
 ROOT = Path(__file__).resolve().parents[1]
 APOLLO = ROOT / "recipes/demo/pretrain_cpu_apollo.yaml"
@@ -153,16 +160,16 @@ def test_recipe_errors_name_the_key(tmp_path):
 
 
 def test_one_compiled_graph_per_depth(monkeypatch):
-    """Ten depths (more than dynamo's default of 8 entries per frame) with the limit set from them:
+    """Nine depths (more than dynamo's default of 8 entries per frame) with the limit set from them:
     each depth compiles once, at its first step (past the 8th, a depth over the limit would run
     eager and leave the graph count behind); no later step recompiles."""
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
     torch.manual_seed(0)
-    model = build_mae("micro", patch_size=8, depth=12)
+    model = build_mae("micro", patch_size=8, depth=10)
     growth.apply_plan(model, [0, 1])
-    elastic = elastic_depth.ElasticDepth(ElasticDepthConfig(num_depths=11, temperature=2.0), 12, seed=0)
+    elastic = elastic_depth.ElasticDepth(ElasticDepthConfig(num_depths=9, temperature=2.0), 10, seed=0)
     depths = elastic.distribution(2).depths
-    assert len(depths) == 11
+    assert len(depths) == 9
     elastic_depth.set_recompile_limit(len(depths))
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -170,7 +177,7 @@ def test_one_compiled_graph_per_depth(monkeypatch):
     step_model = engine.compiled(model, backend="eager")
     imgs = torch.randn(2, 3, 16, 16)
     seen, graphs = set(), []
-    schedule = [*depths, *(len(elastic.plan([0, 1], t)) for t in range(12))]  # every depth, then draws
+    schedule = [*depths, *(len(elastic.plan([0, 1], t)) for t in range(6))]  # every depth, then draws
     for depth in schedule:
         model.layer_plan = elastic_depth.sharing_plan([0, 1], depth)
         step_model(imgs, mask_ratio=0.5)[0].backward()
@@ -201,3 +208,70 @@ def test_expected_flops_match_the_per_step_average_of_a_long_draw():
         expected = row["flops"] / (row["epochs"][1] - row["epochs"][0])
         assert abs(sum(per_step) / len(per_step) / expected - 1) < 0.02
         assert set(hook.take_depths()) == set(row["lvps"]["depths"])
+
+
+def logged(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (Path(run_dir) / "log.jsonl").read_text().splitlines()]
+
+
+# 3 steps per epoch on the test data: stage 0 (1 block, depths 1-4) for 4 steps, stage 1 (2 blocks,
+# depths 2-4) after an interpolation growth
+ELASTIC_RUN = ["precision=fp32", "epochs=3", "data.res=32", "checkpoint.every_epochs=1", "checkpoint.every_steps=1",
+               "checkpoint.keep_last=100", "log.every_steps=1",
+               "progressive.stages=[{epoch: 0, depth: 1, micro_batch: 16}, {epoch: 2, depth: 2, micro_batch: 8}]"]
+
+
+def test_resume_mid_stage_is_bitwise_exact(demo_betons, tmp_path, capsys):
+    """Killed mid-stage (step 4: epoch 1, its first step done) and after the growth (step 7, mid
+    epoch 2): the resumed runs draw the same depths and end with the unbroken run's weights and
+    optimizer state; the log holds every step's depth."""
+    from fastssl.train import checkpoint, pretrain
+
+    def run(run_dir):
+        pretrain.run(load_config(PretrainConfig, APOLLO, demo_args(demo_betons, run_dir, *ELASTIC_RUN)))
+        return checkpoint.load_latest(run_dir)
+
+    straight = run(tmp_path / "straight")
+    depths = [d for r in logged(tmp_path / "straight") for d in r.get("depths", [])]
+    assert len(depths) == 9 and set(depths[:6]) <= {1, 2, 3, 4} and set(depths[6:]) <= {2, 3, 4}
+    assert len(set(depths)) > 1  # the depth changed between steps
+    assert straight["progressive"]["layer_plan"] == [0, 1]  # the physical plan, not a step's draw
+    ckpts = checkpoint.list_checkpoints(tmp_path / "straight")
+    for last in (ckpts[3], ckpts[6]):
+        broken = tmp_path / f"broken_{last.name}"
+        checkpoint.checkpoint_dir(broken).mkdir(parents=True)
+        for p in ckpts[: ckpts.index(last) + 1]:
+            shutil.copy(p, checkpoint.checkpoint_dir(broken) / p.name)
+        capsys.readouterr()
+        resumed = run(broken)
+        assert f"resumed from {checkpoint.checkpoint_dir(broken) / last.name}" in capsys.readouterr().out
+        step = torch.load(last, weights_only=True)["progress"]["step"]
+        assert [d for r in logged(broken) for d in r.get("depths", [])] == depths[step:]
+        for part in ("model", "optimizer"):
+            a, b = _flatten(straight[part]), _flatten(resumed[part])
+            assert a.keys() == b.keys()
+            assert all(_equal(a[k], b[k]) for k in a), \
+                f"{part} differs after resuming at {last.name}"
+
+
+def test_ddp_two_gloo_processes_run_the_same_depths(demo_betons, tmp_path):
+    """2 CPU processes (gloo): every step runs the same drawn depth on both ranks (the draw is a
+    function of (seed, step), not of the rank), and both end with the same weights."""
+    with socket.socket() as sock:  # other test sessions may share the machine: no fixed port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "tests.ddp_elastic_probe", str(tmp_path), str(APOLLO),
+         *demo_args(demo_betons, tmp_path / "run", "precision=fp32", "epochs=2", "data.res=32",
+                    "checkpoint.every_epochs=0",
+                    "progressive.stages=[{epoch: 0, depth: 1}, {epoch: 1, depth: 2}]")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert {rep["world"] for rep in reports} == {2} and reports[0]["steps"] == 6
+    assert reports[0]["depths"] == reports[1]["depths"] and len(reports[0]["depths"]) == 6
+    assert len(set(reports[0]["depths"])) > 1
+    assert reports[0]["weights"] == reports[1]["weights"], "ranks ended with different weights"
+
