@@ -4,10 +4,7 @@ import json
 import math
 import os
 import random
-import shutil
 import socket
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +16,8 @@ from fastssl.models import build_mae, growth
 from fastssl.train import elastic_depth, engine, flops, optim
 from fastssl.train.depth_growth import DepthGrowth
 from fastssl.train.progressive import Stage
-from tests.test_progressive_pretrain import _equal, _flatten, demo_args
+from tests import ddp_probe
+from tests.test_progressive_pretrain import _equal, _flatten, demo_args, resume_from
 
 ROOT = Path(__file__).resolve().parents[1]
 APOLLO = ROOT / "recipes/demo/pretrain_cpu_apollo.yaml"
@@ -239,12 +237,7 @@ def test_resume_mid_stage_is_bitwise_exact(demo_betons, tmp_path, capsys):
     ckpts = checkpoint.list_checkpoints(tmp_path / "straight")
     for last in (ckpts[3], ckpts[6]):
         broken = tmp_path / f"broken_{last.name}"
-        checkpoint.checkpoint_dir(broken).mkdir(parents=True)
-        for p in ckpts[: ckpts.index(last) + 1]:
-            shutil.copy(p, checkpoint.checkpoint_dir(broken) / p.name)
-        capsys.readouterr()
-        resumed = run(broken)
-        assert f"resumed from {checkpoint.checkpoint_dir(broken) / last.name}" in capsys.readouterr().out
+        resumed = resume_from(ckpts, last, broken, run, capsys)
         step = torch.load(last, weights_only=True)["progress"]["step"]
         assert [d for r in logged(broken) for d in r.get("depths", [])] == depths[step:]
         for part in ("model", "optimizer"):
@@ -260,14 +253,11 @@ def test_ddp_two_gloo_processes_run_the_same_depths(demo_betons, tmp_path):
     with socket.socket() as sock:  # other test sessions may share the machine: no fixed port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    r = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
-         "-m", "tests.ddp_elastic_probe", str(tmp_path), str(APOLLO),
-         *demo_args(demo_betons, tmp_path / "run", "precision=fp32", "epochs=2", "data.res=32",
-                    "checkpoint.every_epochs=0",
-                    "progressive.stages=[{epoch: 0, depth: 1}, {epoch: 1, depth: 2}]")],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        capture_output=True, text=True, timeout=180)
+    r = ddp_probe.torchrun(
+        "tests.ddp_elastic_probe", str(tmp_path), str(APOLLO),
+        *demo_args(demo_betons, tmp_path / "run", "precision=fp32", "epochs=2", "data.res=32",
+                   "checkpoint.every_epochs=0", "progressive.stages=[{epoch: 0, depth: 1}, {epoch: 1, depth: 2}]"),
+        port=port, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert {rep["world"] for rep in reports} == {2} and reports[0]["steps"] == 6
