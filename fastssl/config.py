@@ -208,7 +208,7 @@ class StageConfig:
 
 @dataclass
 class GrowthConfig:
-    op: Literal["stack", "interleave", "zero", "gated", "mogrow"] = "zero"
+    op: Literal["stack", "interleave", "interpolate", "zero", "gated", "mogrow"] = "zero"
     optimizer: Literal["reset", "carry", "copy"] = "carry"  # what new/old params' AdamW state becomes
     rewarmup_steps: int = 0  # linear LR re-warmup after each growth; the global schedule continues
     gate_steps: int = 5000  # `gated`: new blocks' gate m ramps 0 -> 1 over this many steps (MSG)
@@ -245,6 +245,17 @@ class SearchConfig:
 
 
 @dataclass
+class ElasticDepthConfig:
+    """Apollo's per-step elastic depth (`train/elastic_depth.py`): each step runs a depth drawn by LVPS
+    from round(linspace(N, max_depth, num_depths)), p ∝ exp(-(L - N) / (max_depth - N) / temperature),
+    its positions sharing the stage's N physical blocks."""
+
+    max_depth: Optional[int] = None  # null: the encoder's full depth
+    num_depths: int = 4  # at most this many depths per stage (one compiled graph each)
+    temperature: float = 0.5  # p(max_depth) / p(N) = exp(-1 / temperature)
+
+
+@dataclass
 class ProgressiveConfig:
     """Empty (no ramp, no stages): a fixed-size run."""
 
@@ -254,6 +265,7 @@ class ProgressiveConfig:
     couple_mask: bool = False
     growth: GrowthConfig = field(default_factory=GrowthConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    elastic_depth: Optional[ElasticDepthConfig] = None  # null: every step runs the stage's depth
 
     def stage_list(self) -> list[StageConfig]:
         """The explicit stages, or one from epoch 0 that keeps every recipe value."""

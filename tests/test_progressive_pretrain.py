@@ -79,13 +79,7 @@ def test_resume_across_growth_is_bitwise_exact(demo_betons, tmp_path, growth, ca
     after = next(p for p in ckpts if at[p]["progress"] == {"epoch": 2, "micro": 4, "micro_batch": 8, "step": 7})
     assert at[before]["progressive"]["layer_plan"] == [0] and at[after]["progressive"]["layer_plan"] == [0, 1, 2, 3]
     for i, last in enumerate((before, after)):
-        broken = tmp_path / f"broken{i}"
-        checkpoint.checkpoint_dir(broken).mkdir(parents=True)
-        for p in ckpts[: ckpts.index(last) + 1]:
-            shutil.copy(p, checkpoint.checkpoint_dir(broken) / p.name)
-        capsys.readouterr()
-        resumed = run(broken)
-        assert f"resumed from {checkpoint.checkpoint_dir(broken) / last.name}" in capsys.readouterr().out
+        resumed = resume_from(ckpts, last, tmp_path / f"broken{i}", run, capsys)
         for part in ("model", "optimizer"):
             a, b = straight[part], resumed[part]
             flat_a, flat_b = _flatten(a), _flatten(b)
@@ -166,6 +160,18 @@ def test_probe_and_export_of_a_checkpoint_saved_before_the_growth(demo_betons, t
     vit = VisionTransformer(**kwargs)
     vit.load_state_dict(load_file(tmp_path / "enc.safetensors"), strict=True)
     assert torch.equal(vit.blocks[0].attn.qkv.weight, state["model"]["blocks.0.attn.qkv.weight"])
+
+
+def resume_from(ckpts: list[Path], last: Path, broken: Path, run, capsys) -> dict:
+    """`run(broken)` in a run folder holding `ckpts` up to `last`, as if killed after writing it:
+    checks that it resumed from `last` and returns what `run` returns."""
+    checkpoint.checkpoint_dir(broken).mkdir(parents=True)
+    for p in ckpts[: ckpts.index(last) + 1]:
+        shutil.copy(p, checkpoint.checkpoint_dir(broken) / p.name)
+    capsys.readouterr()
+    resumed = run(broken)
+    assert f"resumed from {checkpoint.checkpoint_dir(broken) / last.name}" in capsys.readouterr().out
+    return resumed
 
 
 def _flatten(tree, prefix=""):

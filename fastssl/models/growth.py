@@ -4,6 +4,12 @@ Growing from L to L' executed blocks maps each new position j to an old position
 - `stack`       j mod L: the whole stack copied on top (StackingBERT);
 - `interleave`  floor(j L / L'): each layer duplicated in place (AutoProg); with map `autoprog`,
                 AutoProg's own `new_idx`: the last L' - L layers duplicated in place;
+- `interpolate` linear interpolation of the old blocks along depth (Apollo): position j sits at old
+                coordinate x = clamp((j + 1/2) L / L' - 1/2, 0, L - 1), and every parameter and buffer
+                of its block becomes (1 - a) W[floor x] + a W[floor x + 1], a = x - floor x. For an
+                integer ratio L' = rL each old block's weights sum to r, so the depth-average of every
+                parameter is preserved; the first and last blocks are kept, and a stack of equal blocks
+                (what Apollo's weight sharing trains) grows into copies of that block;
 - `mogrow`      interleave, the duplicates copied from an EMA of the weights (AutoProg's MoGrow);
 - `zero`        old layers stay, new ones appended with zero `attn.proj` and `mlp.fc2`: for pre-norm
                 blocks each is then the identity, so the grown model computes the same function;
@@ -11,7 +17,7 @@ Growing from L to L' executed blocks maps each new position j to an old position
                 function-preserving whatever their weights.
 Position j always lands in block j (the plan after growth is 0..L'-1), so an exported encoder is a
 plain timm ViT; copies are real copies. Weight sharing (several positions, one block) is the plan's
-business too, but no operator here makes it.
+business too (`train/elastic_depth.py` runs it per step), but no operator here makes it.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-COPYING_OPS = ("stack", "interleave", "mogrow")
+COPYING_OPS = ("stack", "interleave", "interpolate", "mogrow")
 
 
 @dataclass(frozen=True)
@@ -44,9 +50,22 @@ def sources(op: str, old: int, new: int, layer_map: str = "floor") -> list[int |
         return [j % old for j in range(new)]
     if op in ("interleave", "mogrow"):
         return _autoprog_map(old, new) if layer_map == "autoprog" else [j * old // new for j in range(new)]
+    if op == "interpolate":  # the nearer of the two mixed blocks: whose optimizer state it takes
+        return [lo if a <= 0.5 else hi for lo, hi, a in interpolation(old, new)]
     if op in ("zero", "gated"):
         return [j if j < old else None for j in range(new)]
-    raise ValueError(f"unknown growth op {op!r}; choose one of stack, interleave, mogrow, zero, gated")
+    raise ValueError(f"unknown growth op {op!r}; choose one of stack, interleave, interpolate, mogrow, zero, gated")
+
+
+def interpolation(old: int, new: int) -> list[tuple[int, int, float]]:
+    """New position -> (lower old position, upper old position, weight a of the upper) of `interpolate`."""
+    out = []
+    for j in range(new):
+        x = min(max((j + 0.5) * old / new - 0.5, 0.0), old - 1.0)
+        lo = int(x)
+        hi = min(lo + 1, old - 1)
+        out.append((lo, hi, x - lo))
+    return out
 
 
 def apply_plan(model: nn.Module, plan: list[int]) -> None:
@@ -64,6 +83,11 @@ def _zero_residual(block: nn.Module) -> None:
     for layer in (block.attn.proj, block.mlp.fc2):
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
+
+
+def _lerp(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], w: float) -> dict[str, torch.Tensor]:
+    """(1 - w) a + w b per entry; w = 0 is an exact copy of a."""
+    return {k: v.detach().clone() if w == 0.0 else torch.lerp(v, b[k], w) for k, v in a.items()}
 
 
 def _clone(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -89,7 +113,10 @@ def grow(model: nn.Module, op: str, depth: int, ema: BlockEMA | None = None,
         source = None if s is None else old_plan[s]
         moves.append(Move(j, source, source is not None and source not in seen))
         seen.add(source)
+    mix = interpolation(len(old_plan), depth) if op == "interpolate" else None
     used = {m.source for m in moves} - {None}
+    if mix is not None:
+        used |= {old_plan[i] for lo, hi, _ in mix for i in (lo, hi)}
     weights = {b: _clone(model.blocks[b].state_dict()) for b in used}  # before anything is overwritten
     averaged = {b: ema.block(b) for b in used} if ema is not None else {}
     for m in moves:
@@ -97,6 +124,10 @@ def grow(model: nn.Module, op: str, depth: int, ema: BlockEMA | None = None,
         if m.source is None:
             if op == "zero":
                 _zero_residual(block)
+            continue
+        if mix is not None:
+            lo, hi, a = mix[m.block]
+            block.load_state_dict(_lerp(weights[old_plan[lo]], weights[old_plan[hi]], a))
             continue
         copy_ema = op == "mogrow" and not m.continues
         block.load_state_dict(averaged[m.source] if copy_ema else weights[m.source])

@@ -368,7 +368,6 @@ def fit(
         loader.set_epoch(epoch, start_batch=progress.micro)  # after a mid-epoch resume: the rest
         model.train()
         bar = _progress_bar(info, cfg, micro_per_epoch, progress.micro, epoch)
-        step_flops = flops_per_image(stage) * cfg.batch_size if flops_per_image else 0.0
         window.restart()
 
         for i, (imgs, labels) in enumerate(window.waited.timed(loader), start=progress.micro):
@@ -378,6 +377,8 @@ def fit(
             if i % accum == 0:  # a new accumulation window
                 factor = stages.lr_factor(progress.step) if stages is not None else 1.0
                 optim.set_lr(optimizer, lr_at(progress.step) * factor)
+                # per step: a stage hook may change the executed depth every step (elastic depth)
+                step_flops = flops_per_image(stage) * cfg.batch_size if flops_per_image else 0.0
             last_micro = (i + 1) % accum == 0
             window.loss_sum += forward_backward(cfg, info, ddp, step_model, loss_fn, imgs, labels, stage,
                                                 accum, last_micro, scaler)

@@ -5,19 +5,23 @@ Counts matrix-multiply FLOPs (2 per multiply-add; norms, softmax and GELU are no
 forward, except the patch embedding, whose input needs no gradient). With `mask_views` K, per image
 the patch embedding runs once and the encoder and decoder K times (once per view). Prints each
 stage and the ratio to the same recipe without progression (full depth, `data.res`, `mask_ratio`
-throughout, as many views), and with `--versus RECIPE` the ratio to another recipe's total.
+throughout, as many views), and with `--versus RECIPE` the ratio to another recipe's total. With
+`progressive.elastic_depth` a stage's FLOPs are the expectation over its LVPS distribution of depths
+(printed under the stage): what its steps cost on average.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
 from fastssl.config import ConfigError, PretrainConfig, load_config
 from fastssl.models import len_keep
 from fastssl.models.sizes import get_size
+from fastssl.train.elastic_depth import ElasticDepth
 from fastssl.train.progressive import Stage, from_config
 
 IMAGENET_TRAIN = 1_281_167
@@ -65,13 +69,21 @@ def device_peak_flops(device: torch.device, tflops: float | None = None) -> floa
 def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:
     """Per-stage and total training FLOPs for `images` per epoch, and the fixed-size baseline's."""
     size, patch = cfg.model.size, cfg.model.patch_size
+    e = cfg.progressive.elastic_depth
+    elastic = ElasticDepth(e, cfg.model.depth or get_size(size).depth, cfg.seed) if e is not None else None
     rows = []
     for start, end, stage in from_config(cfg).segments(cfg.epochs):
-        per_image = train_flops_per_image(size, patch, stage)
-        rows.append({"epochs": [start, end], "res": stage.res, "mask_ratio": round(stage.mask_ratio, 4),
-                     "depth": stage.depth, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
-                     "views": stage.mask_views,
-                     "gflops_per_image": per_image / 1e9, "flops": per_image * images * (end - start)})
+        row = {"epochs": [start, end], "res": stage.res, "mask_ratio": round(stage.mask_ratio, 4),
+               "depth": stage.depth, "visible": len_keep((stage.res // patch) ** 2, stage.mask_ratio),
+               "views": stage.mask_views}
+        if elastic is None:
+            per_image = train_flops_per_image(size, patch, stage)
+        else:  # the expectation over the stage's depths, its N physical blocks shared by each
+            lvps = elastic.distribution(stage.depth)
+            per_image = lvps.expected(lambda d: train_flops_per_image(size, patch, replace(stage, depth=d)))
+            row["lvps"] = {"depths": list(lvps.depths), "probs": [round(p, 4) for p in lvps.probs],
+                           "expected_depth": lvps.expected(float)}
+        rows.append({**row, "gflops_per_image": per_image / 1e9, "flops": per_image * images * (end - start)})
     base = train_flops_per_image(size, patch, Stage(cfg.data.res, cfg.mask_ratio, mask_views=cfg.mask_views))
     base *= images * cfg.epochs
     total = sum(r["flops"] for r in rows)
@@ -114,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
         a, b = r["epochs"]
         print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['views']:>5} "
               f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
+        lv = r.get("lvps")
+        if lv is not None and len(lv["depths"]) > 1:
+            print(f"{'':>11} LVPS over depths {' '.join(f'{d}:{p:.3f}' for d, p in zip(lv['depths'], lv['probs']))}"
+                  f" (expected depth {lv['expected_depth']:.2f}, {r['depth']} physical blocks shared)")
     print(f"total {out['total'] / 1e18:.1f} EFLOPs; fixed-size baseline {out['baseline'] / 1e18:.1f} EFLOPs; "
           f"ratio {out['ratio']:.3f}x")
     if other is not None:

@@ -15,7 +15,7 @@ from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
 from fastssl.models.checkpoint_filter import raw_model_state
 from fastssl.run import cli
-from fastssl.train import depth_growth, engine, flops, optim, progressive, search
+from fastssl.train import depth_growth, elastic_depth, engine, flops, optim, progressive, search
 from fastssl.train.visualize import save_reconstructions, spread_val_images
 
 
@@ -42,7 +42,11 @@ def run(cfg: PretrainConfig) -> engine.Progress:
                             adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
     loader = cli.train_loader(cfg, info)
     train_flops = partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size)
+    elastic = None
     if cfg.progressive.search.stages:
+        if cfg.progressive.elastic_depth is not None:
+            raise ConfigError("progressive.search and progressive.elastic_depth: the search chooses one depth per "
+                              "stage, elastic depth draws one per step; set one of them")
         if scalenet.is_expanded(model):
             raise ConfigError("progressive.search: a ScaleNet-expanded init runs all its positions; "
                               "drop the search")
@@ -51,8 +55,15 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         def flops_per_image(stage: progressive.Stage) -> float:  # the epoch's depths, drawn alike
             return sum(train_flops(replace(stage, depth=d)) for d in stages.depths_now()) / len(stages.depths_now())
     else:
-        stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
-        flops_per_image = train_flops  # as `python -m fastssl.flops` counts them; each stage carries its depth
+        if cfg.progressive.elastic_depth is not None:
+            elastic = elastic_depth.ElasticDepth(cfg.progressive.elastic_depth, len(model.blocks), cfg.seed)
+            elastic_depth.set_recompile_limit(cfg.progressive.elastic_depth.num_depths)
+        stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth, elastic)
+
+        def flops_per_image(stage: progressive.Stage) -> float:
+            """As `python -m fastssl.flops` counts them, at the depth this step runs (the stage's, or
+            its elastic draw: the engine asks at every step's start)."""
+            return train_flops(replace(stage, depth=len(model.layer_plan)))
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
         return m(imgs, mask_ratio=stage.mask_ratio, views=stage.mask_views)[0]
@@ -62,6 +73,8 @@ def run(cfg: PretrainConfig) -> engine.Progress:
             logger = ViewRateLogger(logger, cfg.mask_views)
         if isinstance(stages, search.SearchGrowth):
             stages.logger = logger  # its decisions go to log.jsonl
+        if elastic is not None:
+            logger = DepthLogger(logger, stages)
         hooks = []
         if cfg.log.recon_every_epochs and cfg.data.val and info.is_main:
             fixed = spread_val_images(cfg.data.val, cfg.data.res, info.device)
@@ -94,6 +107,23 @@ class ViewRateLogger:
     def log(self, metrics: dict, step: int) -> None:
         if "img_per_s" in metrics:
             metrics = {**metrics, "view_per_s": metrics["img_per_s"] * self.views}
+        self.logger.log(metrics, step)
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+class DepthLogger:
+    """With elastic depth, each training line lists the executed depth of every step since the
+    previous line (`depths`, in step order) and their mean; the MFU beside it counts those depths."""
+
+    def __init__(self, logger: RunLogger, stages: depth_growth.DepthGrowth) -> None:
+        self.logger, self.stages = logger, stages
+
+    def log(self, metrics: dict, step: int) -> None:
+        if "train/loss" in metrics:
+            depths = self.stages.take_depths()
+            metrics = {**metrics, "depths": depths, "depth_mean": sum(depths) / max(len(depths), 1)}
         self.logger.log(metrics, step)
 
     def close(self) -> None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 from fastssl.errors import ConfigError
 from fastssl.models import growth, len_keep, max_views
 from fastssl.models.sizes import get_size
+from fastssl.train import elastic_depth
 
 if TYPE_CHECKING:  # the config validates through this module, so it is read here as types only
     from fastssl.config import PretrainConfig, RampConfig, RunConfig
@@ -169,6 +170,8 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
         raise _err("progressive.growth.gate_steps", g.gate_steps, "must be > 0")
     if not 0.0 < g.ema_decay < 1.0:
         raise _err("progressive.growth.ema_decay", g.ema_decay, "must be in (0, 1)")
+    if p.elastic_depth is not None:
+        elastic_depth.check(p.elastic_depth, full_depth, [st.depth for st in stages])
     visible = None
     schedule = Piecewise(starts, stages, p.ramp, None, patch)
     if p.couple_mask:
