@@ -157,32 +157,34 @@ def test_recipe_errors_name_the_key(tmp_path):
             load_config(PretrainConfig, APOLLO, [override, "data.train=x.beton"])
 
 
-def test_one_compiled_graph_per_depth(monkeypatch):
+def test_one_compiled_graph_per_depth():
     """Nine depths (more than dynamo's default of 8 entries per frame) with the limit set from them:
     each depth compiles once, at its first step (past the 8th, a depth over the limit would run
     eager and leave the graph count behind); no later step recompiles."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", torch._dynamo.config.recompile_limit)
-    torch.manual_seed(0)
-    model = build_mae("micro", patch_size=8, depth=10)
-    growth.apply_plan(model, [0, 1])
-    elastic = elastic_depth.ElasticDepth(ElasticDepthConfig(num_depths=9, temperature=2.0), 10, seed=0)
-    depths = elastic.distribution(2).depths
-    assert len(depths) == 9
-    elastic_depth.set_recompile_limit(len(depths))
-    torch._dynamo.reset()
-    counters = torch._dynamo.utils.counters
-    counters.clear()
-    step_model = engine.compiled(model, backend="eager")
-    imgs = torch.randn(2, 3, 16, 16)
-    seen, graphs = set(), []
-    schedule = [*depths, *(len(elastic.plan([0, 1], t)) for t in range(6))]  # every depth, then draws
-    for depth in schedule:
-        model.layer_plan = elastic_depth.sharing_plan([0, 1], depth)
-        step_model(imgs, mask_ratio=0.5)[0].backward()
-        graphs.append(counters["stats"]["unique_graphs"])
-        assert graphs[-1] == len(seen | {depth}), f"depth {depth} after {sorted(seen)}: {graphs}"
-        seen.add(depth)
-    torch._dynamo.reset()
+    # torch._dynamo.config.patch restores the limit afterwards (monkeypatch's undo of this aliased
+    # option leaves it unreadable for the tests that run next)
+    with torch._dynamo.config.patch(recompile_limit=torch._dynamo.config.recompile_limit):
+        torch.manual_seed(0)
+        model = build_mae("micro", patch_size=8, depth=10)
+        growth.apply_plan(model, [0, 1])
+        elastic = elastic_depth.ElasticDepth(ElasticDepthConfig(num_depths=9, temperature=2.0), 10, seed=0)
+        depths = elastic.distribution(2).depths
+        assert len(depths) == 9
+        elastic_depth.set_recompile_limit(len(depths))
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+        step_model = engine.compiled(model, backend="eager")
+        imgs = torch.randn(2, 3, 16, 16)
+        seen, graphs = set(), []
+        schedule = [*depths, *(len(elastic.plan([0, 1], t)) for t in range(6))]  # every depth, then draws
+        for depth in schedule:
+            model.layer_plan = elastic_depth.sharing_plan([0, 1], depth)
+            step_model(imgs, mask_ratio=0.5)[0].backward()
+            graphs.append(counters["stats"]["unique_graphs"])
+            assert graphs[-1] == len(seen | {depth}), f"depth {depth} after {sorted(seen)}: {graphs}"
+            seen.add(depth)
+        torch._dynamo.reset()
 
 
 def test_expected_flops_match_the_per_step_average_of_a_long_draw():
