@@ -18,7 +18,7 @@ import yaml
 from fastssl import atomic
 from fastssl.errors import ConfigError
 from fastssl.models.sizes import get_size
-from fastssl.train.progressive import from_config
+from fastssl.train.progressive import check_search, from_config
 
 
 @dataclass
@@ -306,9 +306,7 @@ class PretrainConfig(RunConfig):
         _check(self.scalenet.adapter_lr_scale > 0, "scalenet.adapter_lr_scale", self.scalenet.adapter_lr_scale,
                "must be > 0")
         from_config(self)  # every schedule mistake, before anything runs
-        from fastssl.train import search  # imports the config module: not at the top
-
-        search.check_config(self, self.model.depth or get_size(self.model.size).depth)
+        check_search(self, self.model.depth or get_size(self.model.size).depth)
 
     def validate_world(self, world_size: int) -> None:
         super().validate_world(world_size)

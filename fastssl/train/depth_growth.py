@@ -3,15 +3,19 @@ its optimizer as the engine enters it (`engine.StageHook`), and with Apollo's el
 step's executed plan over the stage's physical blocks (`elastic_depth.py`)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from fastssl.config import GrowthConfig
 from fastssl.errors import ConfigError
 from fastssl.models import growth
 from fastssl.train import optim
 from fastssl.train.elastic_depth import ElasticDepth
 from fastssl.train.progressive import Stage
+
+if TYPE_CHECKING:  # types only: config imports the stage checks, which import this hook
+    from fastssl.config import GrowthConfig
 
 
 class DepthGrowth:

@@ -22,37 +22,11 @@ from fastssl.config import ConfigError, PretrainConfig, load_config
 from fastssl.models import len_keep
 from fastssl.models.sizes import get_size
 from fastssl.train.elastic_depth import ElasticDepth
+from fastssl.train.flop_count import block_flops, mae_flops, train_flops_per_image  # noqa: F401  (re-exported)
 from fastssl.train.progressive import Stage, from_config
 
 IMAGENET_TRAIN = 1_281_167
 NOMINAL_BF16_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0}  # dense, SXM (H200: H100 tensor cores)
-
-
-def block_flops(tokens: int, dim: int, mlp_ratio: float) -> int:
-    """One pre-norm transformer block, forward: qkv + proj + MLP matmuls, and QK^T + AV."""
-    return 2 * tokens * dim * dim * (4 + 2 * int(mlp_ratio)) + 4 * tokens * tokens * dim
-
-
-def mae_flops(size: str, patch_size: int, res: int, mask_ratio: float, depth: int | None = None) -> dict[str, int]:
-    """Forward FLOPs per image of an MAE at `res` px running `depth` encoder blocks (None: all)."""
-    s = get_size(size)
-    depth = s.depth if depth is None else depth
-    patches = (res // patch_size) ** 2
-    enc_tokens = 1 + len_keep(patches, mask_ratio)
-    pixels = patch_size * patch_size * 3
-    embed = 2 * patches * pixels * s.embed_dim
-    encoder = embed + depth * block_flops(enc_tokens, s.embed_dim, s.mlp_ratio)
-    decoder = (2 * enc_tokens * s.embed_dim * s.decoder_embed_dim
-               + s.decoder_depth * block_flops(patches + 1, s.decoder_embed_dim, s.mlp_ratio)
-               + 2 * (patches + 1) * s.decoder_embed_dim * pixels)
-    return {"encoder": encoder, "decoder": decoder, "embed": embed}
-
-
-def train_flops_per_image(size: str, patch_size: int, stage: Stage) -> int:
-    """Forward + backward per image: the patch embedding once (forward + weight gradient), the rest
-    of the encoder and the decoder once per masked view (forward + 2x backward)."""
-    f = mae_flops(size, patch_size, stage.res, stage.mask_ratio, stage.depth)
-    return 3 * stage.mask_views * (f["encoder"] - f["embed"] + f["decoder"]) + 2 * f["embed"]
 
 
 def device_peak_flops(device: torch.device, tflops: float | None = None) -> float | None:

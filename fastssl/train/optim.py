@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
 
-from fastssl.config import OptimConfig
 from fastssl.models import scalenet
+
+if TYPE_CHECKING:  # types only: config validates search recipes through modules that import this one
+    from fastssl.config import OptimConfig
 
 # Position tables are not weights in the decay sense. The tokens: MAE's pretraining decays them (its
 # add_weight_decay skips only 1-D parameters and biases; cls_token and mask_token are 3-D), its

@@ -199,3 +199,41 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
                        f"visible (res {stage.res}, mask_ratio {stage.mask_ratio:.4g}): at most "
                        f"{max_views(patches, stage.mask_ratio)} disjoint views")
     return schedule
+
+
+def check_search(cfg: PretrainConfig, full_depth: int) -> None:
+    """Every `progressive.search` mistake (`train/search.py`) as a one-line ConfigError naming the key."""
+    s, p = cfg.progressive.search, cfg.progressive
+    if not s.stages:
+        return
+
+    def need(ok: bool, key: str, value, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={value!r}: {allowed}")
+
+    need(s.search_epochs >= 1, "progressive.search.search_epochs", s.search_epochs, "must be >= 1")
+    need(s.snapshots >= 1, "progressive.search.snapshots", s.snapshots, "must be >= 1")
+    need(s.eval_images >= 1, "progressive.search.eval_images", s.eval_images, "must be >= 1")
+    need(s.eval_batch >= 1, "progressive.search.eval_batch", s.eval_batch, "must be >= 1")
+    need(0.0 < s.ema_decay < 1.0, "progressive.search.ema_decay", s.ema_decay, "must be in (0, 1)")
+    need(p.growth.op != "gated", "progressive.growth.op", p.growth.op,
+         "the search's supernet skips blocks, which gates do not follow: use mogrow, interleave, stack or zero")
+    for i, st in enumerate(p.stages):
+        need(st.depth is None, f"progressive.stages[{i}].depth", st.depth,
+             "progressive.search picks the depth; drop it (or drop progressive.search)")
+    for i, st in enumerate(s.stages):
+        key = f"progressive.search.stages[{i}]"
+        end = s.stages[i + 1].epoch if i + 1 < len(s.stages) else cfg.epochs
+        need(i > 0 or st.epoch == 0, f"{key}.epoch", st.epoch, "the first search stage must start at epoch 0")
+        need(i == 0 or st.epoch > s.stages[i - 1].epoch, f"{key}.epoch", st.epoch,
+             f"stages out of order: must be > the previous stage's {s.stages[i - 1].epoch if i else 0}")
+        need(st.epoch < cfg.epochs, f"{key}.epoch", st.epoch, f"must be < epochs={cfg.epochs}")
+        need(bool(st.depths) and all(1 <= d <= full_depth for d in st.depths), f"{key}.depths", st.depths,
+             f"must list encoder depths in 1..{full_depth}")
+        if len(set(st.depths)) < 2:
+            continue
+        need(st.epoch + s.search_epochs <= end, f"{key}.epoch", st.epoch,
+             f"its {s.search_epochs} search epoch(s) must end by the next stage (epoch {end})")
+        need(s.in_warmup or st.epoch >= cfg.optim.warmup_epochs, f"{key}.epoch", st.epoch,
+             f"searches inside the LR warm-up (optim.warmup_epochs={cfg.optim.warmup_epochs:g}); start it at "
+             f">= {cfg.optim.warmup_epochs:g} or set progressive.search.in_warmup=true")

@@ -47,44 +47,6 @@ if TYPE_CHECKING:
 
 # ---- the recipe ----------------------------------------------------------------------------------
 
-def check_config(cfg: PretrainConfig, full_depth: int) -> None:
-    """Every `progressive.search` mistake as a one-line ConfigError naming the key."""
-    s, p = cfg.progressive.search, cfg.progressive
-    if not s.stages:
-        return
-
-    def need(ok: bool, key: str, value, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}={value!r}: {allowed}")
-
-    need(s.search_epochs >= 1, "progressive.search.search_epochs", s.search_epochs, "must be >= 1")
-    need(s.snapshots >= 1, "progressive.search.snapshots", s.snapshots, "must be >= 1")
-    need(s.eval_images >= 1, "progressive.search.eval_images", s.eval_images, "must be >= 1")
-    need(s.eval_batch >= 1, "progressive.search.eval_batch", s.eval_batch, "must be >= 1")
-    need(0.0 < s.ema_decay < 1.0, "progressive.search.ema_decay", s.ema_decay, "must be in (0, 1)")
-    need(p.growth.op != "gated", "progressive.growth.op", p.growth.op,
-         "the search's supernet skips blocks, which gates do not follow: use mogrow, interleave, stack or zero")
-    for i, st in enumerate(p.stages):
-        need(st.depth is None, f"progressive.stages[{i}].depth", st.depth,
-             "progressive.search picks the depth; drop it (or drop progressive.search)")
-    for i, st in enumerate(s.stages):
-        key = f"progressive.search.stages[{i}]"
-        end = s.stages[i + 1].epoch if i + 1 < len(s.stages) else cfg.epochs
-        need(i > 0 or st.epoch == 0, f"{key}.epoch", st.epoch, "the first search stage must start at epoch 0")
-        need(i == 0 or st.epoch > s.stages[i - 1].epoch, f"{key}.epoch", st.epoch,
-             f"stages out of order: must be > the previous stage's {s.stages[i - 1].epoch if i else 0}")
-        need(st.epoch < cfg.epochs, f"{key}.epoch", st.epoch, f"must be < epochs={cfg.epochs}")
-        need(bool(st.depths) and all(1 <= d <= full_depth for d in st.depths), f"{key}.depths", st.depths,
-             f"must list encoder depths in 1..{full_depth}")
-        if len(set(st.depths)) < 2:
-            continue
-        need(st.epoch + s.search_epochs <= end, f"{key}.epoch", st.epoch,
-             f"its {s.search_epochs} search epoch(s) must end by the next stage (epoch {end})")
-        need(s.in_warmup or st.epoch >= cfg.optim.warmup_epochs, f"{key}.epoch", st.epoch,
-             f"searches inside the LR warm-up (optim.warmup_epochs={cfg.optim.warmup_epochs:g}); start it at "
-             f">= {cfg.optim.warmup_epochs:g} or set progressive.search.in_warmup=true")
-
-
 def stage_at(cfg: PretrainConfig, epoch: int) -> int:
     return bisect.bisect_right([st.epoch for st in cfg.progressive.search.stages], epoch) - 1
 
@@ -310,7 +272,7 @@ class SearchGrowth(DepthGrowth):
     def _times(self, model: nn.Module, images: torch.Tensor, noise: torch.Tensor) -> list[float]:
         """T per candidate: training FLOPs per image (`fastssl.flops`), or the measured seconds of a
         micro-batch's forward + backward (encoder and decoder), the slowest rank's."""
-        from fastssl.train.flops import train_flops_per_image
+        from fastssl.train.flop_count import train_flops_per_image
 
         stage, cfg = self.stage, self.run_cfg
         if self.scfg.time == "flops":
@@ -415,7 +377,7 @@ def schedule_flops(cfg: PretrainConfig, pick: Callable[[int, list[int]], int], i
     """Training FLOPs of the schedule that `pick(stage, candidate depths) -> depth` makes: supernet
     epochs count the mean of their candidates (uniform draws), scoring counts the evaluation set's
     forwards of every candidate at every snapshot."""
-    from fastssl.train.flops import mae_flops, train_flops_per_image
+    from fastssl.train.flop_count import mae_flops, train_flops_per_image
     from fastssl.train.progressive import from_config
 
     s, size, patch = cfg.progressive.search, cfg.model.size, cfg.model.patch_size
