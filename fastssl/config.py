@@ -32,9 +32,12 @@ class DataConfig:
     crop_decode: bool = True
 
 
+SizeName = Literal["micro", "mini", "midi", "tiny", "small", "base", "large", "huge"]  # models/sizes.py
+
+
 @dataclass
 class ModelConfig:
-    size: Literal["micro", "tiny", "small", "base", "large", "huge"] = "base"
+    size: SizeName = "base"
     patch_size: int = 16
     norm_pix_loss: bool = True
     drop_path: float = 0.0
@@ -198,6 +201,9 @@ class StageConfig:
     epoch: int = 0
     res: Optional[int] = None
     depth: Optional[int] = None  # executed encoder blocks
+    # the model size from this stage on: a wider one grows the width (progressive.growth.width),
+    # and the encoder has that size's blocks (`depth` still says how many run)
+    size: Optional[SizeName] = None
     mask_ratio: Optional[float] = None
     drop_path: Optional[float] = None
     # per-process micro-batch; the global batch stays batch_size, so this stage accumulates
@@ -212,6 +218,10 @@ class GrowthConfig:
     rewarmup_steps: int = 0  # linear LR re-warmup after each growth; the global schedule continues
     gate_steps: int = 5000  # `gated`: new blocks' gate m ramps 0 -> 1 over this many steps (MSG)
     ema_decay: float = 0.9996  # `mogrow`: EMA of the encoder blocks that grown blocks copy (AutoProg)
+    # a stage's wider `size`: duplicate (integer width ratios, function-preserving) or masked (any
+    # ratio; new channels open linearly over `mask_steps` optimizer steps); models/width.py
+    width: Literal["duplicate", "masked"] = "duplicate"
+    mask_steps: int = 1000
 
 
 @dataclass

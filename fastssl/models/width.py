@@ -189,15 +189,9 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
     if hasattr(model, "width_masked"):
         raise ValueError("the model's new channels from a masked growth are still ramping in; grow it "
                          "again once they are fully open")
-    grid = model.patch_embed.grid_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new = MaskedAutoencoderViT(
-            img_size=grid[0] * model.patch_size, patch_size=model.patch_size,
-            in_chans=model.patch_embed.proj.in_channels, embed_dim=s.embed_dim, depth=n_blocks,
-            num_heads=s.num_heads, decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
-            decoder_num_heads=s.decoder_num_heads, mlp_ratio=s.mlp_ratio, norm_pix_loss=model.norm_pix_loss)
-    new.to(model.cls_token.device, model.cls_token.dtype)
+        new = _like(model, s, n_blocks)
     g = WidthGrowth(old, {a: _source_map(method, old[a], dims[a]) for a in _AXES}, {}, {})
     gen = torch.Generator().manual_seed(seed)
     live = dict(new.named_parameters())
@@ -223,6 +217,36 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
         _install_masks(new, old)
     _register(new)
     return new, g
+
+
+def _like(model: MaskedAutoencoderViT, s: ViTSize, blocks: int) -> MaskedAutoencoderViT:
+    """A fresh MAE of `s`'s widths with `blocks` encoder blocks, on `model`'s grid, device and dtype."""
+    grid = model.patch_embed.grid_size
+    new = MaskedAutoencoderViT(
+        img_size=grid[0] * model.patch_size, patch_size=model.patch_size,
+        in_chans=model.patch_embed.proj.in_channels, embed_dim=s.embed_dim, depth=blocks,
+        num_heads=s.num_heads, decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
+        decoder_num_heads=s.decoder_num_heads, mlp_ratio=s.mlp_ratio, norm_pix_loss=model.norm_pix_loss)
+    return new.to(model.cls_token.device, model.cls_token.dtype)
+
+
+def check_sizes(method: str, old: ViTSize, new: ViTSize) -> None:
+    """ValueError when a model of size `old` cannot be width-grown to `new` by `method` (a recipe's
+    stages are checked before anything is built)."""
+    _check(method, _size_dims(old), _size_dims(new),
+           (old.embed_dim // old.num_heads, old.decoder_embed_dim // old.decoder_num_heads),
+           (new.embed_dim // new.num_heads, new.decoder_embed_dim // new.decoder_num_heads))
+    if new.decoder_depth < old.decoder_depth:
+        raise ValueError(f"decoder depth {new.decoder_depth} is below {old.decoder_depth}: growth only grows")
+
+
+def rebuilt(model: MaskedAutoencoderViT, size: str, blocks: int, saved_spec: dict | None) -> MaskedAutoencoderViT:
+    """An MAE shaped like one that `widen` grew from `model` to `size` with `blocks` encoder blocks,
+    its position channels and masks as `saved_spec` (`spec` of that model) says: what a resumed run
+    loads the grown model's state into. The values are placeholders."""
+    new = _like(model, _target_size(model, size), blocks)
+    restore(new, {SPEC_KEY: saved_spec} if saved_spec is not None else {})
+    return new
 
 
 def _carry_positions(model: MaskedAutoencoderViT, new: MaskedAutoencoderViT, g: WidthGrowth) -> None:

@@ -1,13 +1,16 @@
-"""The stage hook of progressive depth: applies each stage's depth and drop path to the model and
-its optimizer as the engine enters it (`engine.StageHook`)."""
+"""The stage hook of progressive depth and width: applies each stage's size, depth and drop path to
+the model and its optimizer as the engine enters it (`engine.StageHook`)."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import nn
 
 from fastssl.config import GrowthConfig
 from fastssl.errors import ConfigError
-from fastssl.models import growth
+from fastssl.models import growth, width
+from fastssl.models.sizes import get_size
 from fastssl.train import optim
 from fastssl.train.progressive import Stage
 
@@ -16,15 +19,23 @@ class DepthGrowth:
     """Applies each stage's depth and drop path to an MAE and its AdamW, and keeps what growth needs
     (gate ramps, the EMA for `mogrow`, the last growth step for re-warmup) in its state dict.
 
-    All blocks exist from the start; only `model.layer_plan` runs, the rest are frozen (no grads, so
-    no weight decay, and DDP, rebuilt after each change, never waits for them).
+    All blocks of a size exist from the start; only `model.layer_plan` runs, the rest are frozen (no
+    grads, so no weight decay, and DDP, rebuilt after each change, never waits for them).
+
+    A stage with a wider `size` replaces the model and the optimizer (`width.widen`, then a new
+    optimizer from `make_optimizer` holding the old state mapped channel by channel); the engine
+    takes them from `model` and `optimizer`. The state dict holds the grown model's structure (size,
+    blocks, position channels, masks), so a resume rebuilds it before loading the weights.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: GrowthConfig,
-                 start_depth: int | None):
+                 start_depth: int | None, size: str | None = None,
+                 make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None, seed: int = 0):
         self.model, self.optimizer, self.cfg = model, optimizer, cfg
+        self.size, self.make_optimizer, self.seed = size, make_optimizer, seed
         self.gate_start: dict[int, int] = {}  # block -> step its gate began to ramp
         self.grown_at = -1  # optimizer step of the last growth
+        self.widened_at = -1  # optimizer step of the last masked width growth: its masks ramp from there
         self.drop_path: float | None = None
         self.stage: Stage | None = None
         depth = len(model.blocks) if start_depth is None else start_depth
@@ -35,6 +46,9 @@ class DepthGrowth:
         """Apply `stage` at optimizer step `step`; True when the module structure changed (the
         engine then rebuilds DDP and recompiles)."""
         self.stage, changed = stage, False
+        if stage.size is not None and stage.size != self.size:
+            self._widen(stage.size, step)
+            changed = True
         depth = len(self.model.blocks) if stage.depth is None else stage.depth
         have = len(self.model.layer_plan)
         if depth < have:
@@ -52,7 +66,37 @@ class DepthGrowth:
             self.drop_path = stage.drop_path
             changed = True
         self._set_gates(step)
+        self._set_masks(step)
         return changed
+
+    def _widen(self, size: str, step: int) -> None:
+        if self.make_optimizer is None:
+            raise ConfigError(f"progressive: a stage sets size={size!r}, but this run cannot change the model size")
+        if hasattr(self.model, "width_masked"):
+            raise ConfigError(f"progressive.growth.mask_steps={self.cfg.mask_steps}: the masks of the width "
+                              f"growth at step {self.widened_at} are still opening at step {step}, where a stage "
+                              f"grows to size {size!r}; lower mask_steps or start that stage later")
+        new, mapping = width.widen(self.model, size, self.cfg.width, seed=self.seed + step,
+                                   blocks=get_size(size).depth)
+        optimizer = self._optimizer_for(new)
+        width.map_optimizer_state(self.optimizer, self.model, optimizer, new, mapping)
+        self.model, self.optimizer, self.size = new, optimizer, size
+        if self.ema is not None:  # the old shadow has the old widths: it restarts at the grown weights
+            self.ema = growth.BlockEMA(new)
+        if self.cfg.width == "masked":
+            self.widened_at = step
+
+    def _optimizer_for(self, model: nn.Module) -> torch.optim.Optimizer:
+        """Every block in the optimizer, as at the start of a run; then the plan freezes the idle ones."""
+        plan = list(model.layer_plan)
+        growth.apply_plan(model, list(range(len(model.blocks))))
+        optimizer = self.make_optimizer(model)
+        growth.apply_plan(model, plan)
+        return optimizer
+
+    def _set_masks(self, step: int) -> None:
+        if hasattr(self.model, "width_masked"):  # opening fully makes the modules plain ones again
+            width.set_mask(self.model, width.ramp(step - self.widened_at, self.cfg.mask_steps))
 
     def _set_gates(self, step: int) -> None:
         gates = {b: min(1.0, (step - s) / self.cfg.gate_steps) for b, s in self.gate_start.items()}
@@ -64,6 +108,7 @@ class DepthGrowth:
             self.ema.update(self.model, self.cfg.ema_decay)
         if self.gate_start:
             self._set_gates(step)
+        self._set_masks(step)
 
     def lr_factor(self, step: int) -> float:
         if self.grown_at < 0 or not self.cfg.rewarmup_steps:
@@ -73,9 +118,22 @@ class DepthGrowth:
     def state_dict(self) -> dict:
         return {"stage": vars(self.stage).copy() if self.stage else None,  # for people: resume recomputes it
                 "layer_plan": list(self.model.layer_plan), "gate_start": dict(self.gate_start),
-                "grown_at": self.grown_at, "ema": self.ema.state_dict() if self.ema is not None else None}
+                "grown_at": self.grown_at, "ema": self.ema.state_dict() if self.ema is not None else None,
+                "size": self.size, "blocks": len(self.model.blocks), "width": width.spec(self.model),
+                "widened_at": self.widened_at}
 
     def load_state_dict(self, state: dict) -> None:
+        """Before the weights load (`engine.TrainState`): a width-grown model and its optimizer are
+        rebuilt in the saved shapes first."""
+        size = state.get("size", self.size)  # checkpoints from before width stages have none
+        if size != self.size:
+            self.model = width.rebuilt(self.model, size, int(state["blocks"]), state["width"])
+            self.optimizer, self.size = self._optimizer_for(self.model), size
+            if self.ema is not None:
+                self.ema = growth.BlockEMA(self.model)
+        elif state.get("width") is not None:  # position channels (and masks) of a model grown before this run
+            width.restore(self.model, {width.SPEC_KEY: state["width"]})
+        self.widened_at = int(state.get("widened_at", -1))
         growth.apply_plan(self.model, state["layer_plan"])
         self.gate_start = {int(k): int(v) for k, v in state["gate_start"].items()}
         self.grown_at = int(state["grown_at"])

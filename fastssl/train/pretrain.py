@@ -36,9 +36,15 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     _check_scalenet(cfg, model, schedule)
     if cfg.scalenet.freeze_shared:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
-    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
-                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
-    stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth)
+    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return optim.adamw(m, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
+                           adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
+
+    optimizer = make_optimizer(model)
+    first = schedule(0)  # a first stage of another size grows from the whole model as built
+    stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth,
+                                      first.depth if first.size in (None, cfg.model.size) else None,
+                                      size=cfg.model.size, make_optimizer=make_optimizer, seed=cfg.seed)
     loader = cli.train_loader(cfg, info)
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
@@ -98,7 +104,11 @@ def _check_scalenet(cfg: PretrainConfig, model: torch.nn.Module, schedule: progr
     if cfg.scalenet.freeze_shared and not scalenet.is_expanded(model):
         raise ConfigError("scalenet.freeze_shared=true: init must be a ScaleNet-expanded checkpoint "
                           "(python -m fastssl.expand)")
-    depths = {stage.depth for _, _, stage in schedule.segments(cfg.epochs)}
+    segments = schedule.segments(cfg.epochs)
+    if scalenet.is_expanded(model) and {st.size for _, _, st in segments} - {None, cfg.model.size}:
+        raise ConfigError("progressive stages set another model size: a ScaleNet-expanded init cannot grow in "
+                          "width; drop the size stages")
+    depths = {stage.depth for _, _, stage in segments}
     if scalenet.is_expanded(model) and depths != {len(model.blocks)}:
         # growth copies block weights in place, which would overwrite every position sharing them
         raise ConfigError(f"progressive depth stages {sorted(depths)}: a ScaleNet-expanded init runs all "
