@@ -116,8 +116,12 @@ def load_vit(vit: nn.Module, state: dict, path: str = "", key: str = "init",
              pos_embed_resize: str = "sincos") -> None:
     """Encoder weights into a timm ViT (position table fitted to its grid, and said how; see
     `load_encoder`)."""
+    sd = model_state(state)
+    grown = width.pos_table(raw_model_state(state), tuple(vit.patch_embed.grid_size))
+    if grown is not None:  # a width-grown MAE's table: its sin-cos channels at this grid, exactly
+        sd["pos_embed"] = grown.to(sd["pos_embed"].dtype)
     try:
-        fitted = load_encoder(vit, model_state(state), pos_embed_resize)
+        fitted = load_encoder(vit, sd, pos_embed_resize)
     except (ValueError, RuntimeError) as e:  # RuntimeError: load_state_dict's shape mismatches
         raise ConfigError(f"{key}={path!r}: {' '.join(str(e).split())}") from None
     if fitted:

@@ -44,6 +44,7 @@ from torch import nn
 
 from .growth import _zero_residual, apply_plan
 from .mae import MaskedAutoencoderViT
+from .pos_embed import cached_channel_pos_embed
 from .sizes import ViTSize, get_size
 
 METHODS = ("duplicate", "masked")
@@ -396,6 +397,18 @@ def restore(model: MaskedAutoencoderViT, state_dict: dict) -> None:
         if s["masked"]["value"] > 0:
             set_mask(model, float(s["masked"]["value"]))
     _register(model)
+
+
+def pos_table(state_dict: dict, grid: tuple[int, int]) -> torch.Tensor | None:
+    """The encoder position table (cls row first) a width-grown state dict runs at `grid`: its first
+    width's sin-cos table, channels mapped (evaluations at another resolution regenerate it, as for a
+    plain MAE, rather than resample the stored one). None for a plain state dict."""
+    s = state_dict.get(SPEC_KEY)
+    if not isinstance(s, dict) or "pos_embed" not in s.get("pos_channels", {}):
+        return None
+    dim, channels = s["pos_channels"]["pos_embed"]
+    return cached_channel_pos_embed(int(dim), tuple(int(c) for c in channels), *grid, torch.device("cpu"),
+                                    torch.float32)
 
 
 def ramping(state_dict: dict) -> float | None:
