@@ -15,7 +15,8 @@ from .common import fail
 
 ROOT = Path(__file__).resolve().parents[1]
 
-BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe_cache", "mask_views_demo")
+BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe_cache", "mask_views_demo",
+              "family_demo")
 
 
 def main(argv: list[str] | None = None) -> int:

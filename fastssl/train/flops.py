@@ -103,20 +103,21 @@ def family_flops(cfg: FamilyConfig, images: int = IMAGENET_TRAIN) -> dict:
 
 
 def _print_family(recipe: str, cfg: FamilyConfig, out: dict, images: int) -> None:
+    scale, unit = (1e18, "EFLOPs") if out["total"] >= 1e17 else (1e12, "TFLOPs")  # the demo's are tiny
     print(f"{recipe}: MAE family {' -> '.join(m.size for m in cfg.members)} /{cfg.model.patch_size}, "
           f"{cfg.epochs} epochs x {images:,} images")
-    print(f"{'member':>8} {'epochs':>11} {'blr':>8} {'EFLOPs':>8} {'share':>6} {'alone, own epochs':>18} "
+    print(f"{'member':>8} {'epochs':>11} {'blr':>8} {unit:>8} {'share':>6} {'alone, own epochs':>18} "
           f"{'alone, all epochs':>18}")
     for r in out["members"]:
         a, b = r["epochs"]
-        print(f"{r['size']:>8} {a:>5}-{b - 1:<5} {r['blr']:>8.3g} {r['flops'] / 1e18:>8.1f} "
-              f"{r['flops'] / out['total']:>6.1%} {r['alone_own_epochs'] / 1e18:>18.1f} "
-              f"{r['alone_all_epochs'] / 1e18:>18.1f}")
+        print(f"{r['size']:>8} {a:>5}-{b - 1:<5} {r['blr']:>8.3g} {r['flops'] / scale:>8.1f} "
+              f"{r['flops'] / out['total']:>6.1%} {r['alone_own_epochs'] / scale:>18.1f} "
+              f"{r['alone_all_epochs'] / scale:>18.1f}")
     t = out["total"]
-    print(f"total {t / 1e18:.1f} EFLOPs; each member alone for its own epochs {out['alone_own_epochs'] / 1e18:.1f} "
+    print(f"total {t / scale:.1f} {unit}; each member alone for its own epochs {out['alone_own_epochs'] / scale:.1f} "
           f"({t / out['alone_own_epochs']:.3f}x), for the family's epochs up to it "
-          f"{out['alone_all_epochs'] / 1e18:.1f} ({t / out['alone_all_epochs']:.3f}x); "
-          f"{cfg.members[-1].size} alone for {cfg.epochs} epochs {out['largest_alone'] / 1e18:.1f} "
+          f"{out['alone_all_epochs'] / scale:.1f} ({t / out['alone_all_epochs']:.3f}x); "
+          f"{cfg.members[-1].size} alone for {cfg.epochs} epochs {out['largest_alone'] / scale:.1f} "
           f"({t / out['largest_alone']:.3f}x)")
 
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in out["stages"]:
         a, b = r["epochs"]
         print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['views']:>5} "
-              f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
+              f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / scale:>8.1f} {r['flops'] / out['total']:>6.1%}")
     print(f"total {out['total'] / 1e18:.1f} EFLOPs; fixed-size baseline {out['baseline'] / 1e18:.1f} EFLOPs; "
           f"ratio {out['ratio']:.3f}x")
     if other is not None:
