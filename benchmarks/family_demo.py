@@ -8,7 +8,7 @@ N epochs each); from scratch, mini and midi are `python -m fastssl.pretrain` run
 same per-size blr. The family's first member is a from-scratch micro run already (same recipe, seed
 and blr), so micro's two rows share it. Every member is probed with the cached-view demo probe.
 Prints a table (top-1 mean ± half the range over seeds) and writes benchmarks/results/family_demo.json
-after every seed. Wall times are training time from each run's log (first to last line), on a shared
+after every seed, over every seed finished under --out (seeds may run as parallel processes). Wall times are training time from each run's log (first to last line), on a shared
 CPU: compare rows of one run only.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import fail, print_table, write_results  # noqa: E402
+from fastssl import atomic  # noqa: E402
 from fastssl.config import FamilyConfig, load_config  # noqa: E402
 from fastssl.demo import make_demo_betons  # noqa: E402
 from fastssl.train import family, flops  # noqa: E402
@@ -78,9 +79,8 @@ def main() -> None:
     train, val = make_demo_betons((ROOT / args.data).resolve())
     data = [f"data.train={train}", f"data.val={val}"]
     cfg, overrides = family_config(args.epochs, data)
-    runs = []
     for seed in args.seeds:
-        root = out / f"seed_{seed}"
+        root, mine = out / f"seed_{seed}", []
         if root.exists():
             fail(f"{root} exists; remove it or pass another --out (a resumed run would not time)")
         python("-m", "fastssl.family", RECIPE, f"run_dir={root / 'family'}", f"seed={seed}", *overrides)
@@ -101,10 +101,17 @@ def main() -> None:
                 ckpt = sorted((scratch / "checkpoints").glob("ckpt_*.pt"))[-1]
                 row.update(scratch_train_s=train_seconds(scratch),
                            scratch_top1=probe(ckpt, root / f"probe_scratch_{m.size}", seed, data, args.probe_epochs))
-            runs.append(row)
+            mine.append(row)
             print(f"seed {seed} {m.size}: family {row['family_top1']:.2f}% ({row['family_train_s']:.0f} s), "
                   f"scratch {row['scratch_top1']:.2f}% ({row['scratch_train_s']:.0f} s)", flush=True)
-        report(cfg, runs, args)
+        atomic.write_text(root / "runs.json", json.dumps(mine))
+        report(cfg, finished(out), args)
+
+
+def finished(out: Path) -> list[dict]:
+    """The rows of every seed finished under `out`, by this process or another (seeds may run in
+    parallel processes: `--seeds 1` and `--seeds 2` beside each other, one table)."""
+    return [row for f in sorted(out.glob("seed_*/runs.json")) for row in json.loads(f.read_text())]
 
 
 def _mean_spread(values: list[float]) -> str:

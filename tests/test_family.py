@@ -1,7 +1,6 @@
 """Width growth inside progressive stages, and model families (fastssl/train/family.py): resume
 across a width growth bitwise, members written and loadable, FLOPs per member adding up."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from fastssl.config import FamilyConfig, LinProbeConfig, PretrainConfig, load_co
 from fastssl.eval import linprobe
 from fastssl.models import scalenet
 from fastssl.train import checkpoint, family, flops, pretrain
-from tests.test_progressive_pretrain import LINPROBE, _equal, _flatten, demo_args, logged
+from tests.test_progressive_pretrain import LINPROBE, assert_same, demo_args, logged, resume_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,17 +48,8 @@ def test_resume_across_a_width_growth_is_bitwise_exact(demo_betons, tmp_path, gr
     assert at[after]["model"]["cls_token"].shape[-1] == straight["model"]["cls_token"].shape[-1] > 64
     assert logged(tmp_path / "straight", "stage/size")[-1] in ("mini", "midi")
     for i, last in enumerate((before, after)):
-        broken = tmp_path / f"broken{i}"
-        checkpoint.checkpoint_dir(broken).mkdir(parents=True)
-        for p in ckpts[: ckpts.index(last) + 1]:
-            shutil.copy(p, checkpoint.checkpoint_dir(broken) / p.name)
-        capsys.readouterr()
-        resumed = run(broken)
-        assert f"resumed from {checkpoint.checkpoint_dir(broken) / last.name}" in capsys.readouterr().out
-        for part in ("model", "optimizer"):
-            flat_a, flat_b = _flatten(straight[part]), _flatten(resumed[part])
-            assert flat_a.keys() == flat_b.keys()
-            assert all(_equal(flat_a[k], flat_b[k]) for k in flat_a), f"{part} differs after resuming at {last.name}"
+        resumed = resume_at(ckpts, last, tmp_path / f"broken{i}", run, capsys)
+        assert_same(straight, resumed, ("model", "optimizer", "progressive"), f"after resuming at {last.name}")
 
 
 FAMILY = ROOT / "recipes/demo/pretrain_cpu_family.yaml"
