@@ -20,6 +20,7 @@ from torch import nn
 
 from fastssl.errors import ConfigError
 from fastssl.models import scalenet, weights, width
+from fastssl.models.checkpoint_filter import stored_state_dict
 from fastssl.models.vit import encoder_state_dict
 from fastssl.train.checkpoint import atomic_torch_save
 
@@ -33,7 +34,8 @@ def read_state_dict(path: str, unsafe: bool = False) -> dict:
     a progressive checkpoint saved before its last growth: only its `layer_plan` blocks); a
     ScaleNet spec stays in it."""
     try:
-        sd = weights.raw_model_state(weights.planned(weights.read(path, "ckpt", unsafe, "--unsafe"), path, "ckpt"))
+        state = weights.read(path, "ckpt", unsafe, "--unsafe")
+        sd = stored_state_dict(state, merge_scalenet=False, note=weights.noter("ckpt", path))
     except ConfigError as e:
         raise ExpandError(str(e)) from None
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:

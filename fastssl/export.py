@@ -18,6 +18,7 @@ import torch
 from fastssl import atomic
 from fastssl.config import ConfigError
 from fastssl.models import get_size, weights, width
+from fastssl.models.checkpoint_filter import raw_model_state, stored_state_dict
 
 _TIMM_NAMES = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large", "huge": "vit_huge"}
 
@@ -39,11 +40,11 @@ def export(ckpt: str, out: str, img_size: int = 224, head: bool = True, unsafe: 
     if problem:
         raise ConfigError(f"--out {out!r}: {problem}")
     state = weights.read(ckpt, "ckpt", unsafe, opt_in="--unsafe")
-    if (mask := width.ramping(weights.raw_model_state(state))) is not None:
+    if (mask := width.ramping(raw_model_state(state))) is not None:
         raise ConfigError(f"ckpt={ckpt!r}: saved while the channels of a masked width growth were opening "
                           f"(mask {mask:g} of 1), which no plain ViT runs; export it once they are open")
     size, patch = weights.vit_arch(state, ckpt, "ckpt")
-    sd = weights.model_state(state)
+    sd = stored_state_dict(state, merge_scalenet=False, plan=False)  # its head, if fine-tuned
     finetuned = "fc_norm.weight" in sd
     num_classes = sd["head.weight"].shape[0] if finetuned and head and "head.weight" in sd else 0
     pool = "avg" if finetuned else "token"

@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastssl.config import PretrainConfig, load_config
 from fastssl.models import build_mae, scalenet
-from fastssl.models import weights
+from fastssl.models.checkpoint_filter import raw_model_state
 from fastssl.run import dist
 from fastssl.train import pretrain
 
@@ -38,7 +38,7 @@ def batch(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def shared_grad_error(init: str, info: dist.DistInfo) -> dict:
     torch.manual_seed(0)
     model = build_mae("micro", patch_size=8)
-    state = weights.raw_model_state(torch.load(init, weights_only=True))
+    state = raw_model_state(torch.load(init, weights_only=True))
     scalenet.restore(model, state)
     model.load_state_dict(state)
     _perturb_adapters(model)  # non-zero `up`, so that gradients flow through the adapters too

@@ -84,3 +84,57 @@ def test_gpu_loader_batches_equal_the_cpu_loaders(demo_betons):
         assert xg.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(xg.cpu(), xc, rtol=0, atol=1e-5)  # same crops, normalised on the GPU
         assert torch.equal(yg.cpu(), yc)
+
+
+def test_an_armed_step_never_synchronises_the_device_between_log_steps(tmp_path, monkeypatch):
+    # An armed bf16 run under sync-debug "error" from its second step on (the first initialises
+    # AdamW's state and the position tables): any synchronising call raises, except in the log line
+    # and the checkpoint (allowed below); so the stop check, the LR schedule, the masking and the
+    # fused AdamW step do not synchronise.
+    import contextlib
+    import functools
+
+    from fastssl.train import stop
+
+    @contextlib.contextmanager
+    def syncs_allowed():
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def allowing(f):
+        @functools.wraps(f)
+        def g(*a, **k):
+            with syncs_allowed():
+                return f(*a, **k)
+        return g
+
+    monkeypatch.setattr(engine.LogWindow, "write", allowing(engine.LogWindow.write))
+    monkeypatch.setattr(engine, "save", allowing(engine.save))
+    monkeypatch.setattr(stop, "_armed", False)
+    monkeypatch.setattr(stop, "_requested", False)
+    cfg = RunConfig(run_dir=str(tmp_path), epochs=1, batch_size=4, precision="bf16", device="cuda")
+    cfg.log.progress, cfg.log.every_steps = False, 3
+    model = build_mae("micro", patch_size=8, img_size=32).to(CUDA)
+    opt = optim.adamw(model, 1e-3, 0.05, (0.9, 0.95), CUDA)
+    x = torch.randn(32, 3, 32, 32, device=CUDA)
+    loader = TensorLoader(x, torch.zeros(32, dtype=torch.long, device=CUDA), batch=4)
+    real_step = opt.step
+
+    def step_then_check(*a, **k):
+        out = real_step(*a, **k)
+        torch.cuda.set_sync_debug_mode("error")
+        return out
+
+    opt.step = step_then_check
+    stop.arm()
+    logger = RunLogger(tmp_path, {}, enabled=False, wandb="disabled", project="t")
+    try:
+        progress = engine.fit(cfg, dist.DistInfo(device=CUDA), model, opt, loader,
+                              lambda m, imgs, labels, stage: m(imgs, mask_ratio=0.75)[0],
+                              progressive.constant(32, 0.75), logger)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert progress.step == 8

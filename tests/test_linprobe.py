@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from fastssl.config import LinProbeConfig, load_config
+from fastssl.config import ConfigError, LinProbeConfig, load_config
 from fastssl.data import make_pretrain_loader
 from fastssl.eval import linprobe
 from fastssl.models import build_mae, build_vit_encoder
@@ -102,3 +102,27 @@ def test_probe_recipes_crop_as_mae_linprobe(demo_betons, tmp_path, monkeypatch):
         with pytest.raises(Built):
             linprobe.run(cfg)
         assert seen.pop("scale") == (0.08, 1.0), size
+
+
+def test_cached_features_that_will_not_fit_stop_before_encoding(demo_betons, tmp_path, monkeypatch):
+    # 100 train images (3 batches of 32: 96) x 4 views + 20 val (32) at 64 float16 + a label:
+    # (4 x 96 + 32) x 136 B = 56,576 B; with 60 KB free, 80% is 48 KB: it does not fit.
+    init = tmp_path / "mae.pth"
+    torch.save({"model": build_mae("micro", patch_size=8).state_dict()}, init)
+    monkeypatch.setattr(linprobe, "free_memory", lambda device: 60_000)
+    monkeypatch.setattr(linprobe, "extract_features", lambda *a, **k: pytest.fail("encoded before the check"))
+    with pytest.raises(ConfigError, match=r"^cache_views=4: the cached features need 0\.0 GiB per process on cpu "
+                                          r"\(4 x 96 train \+ 32 val images x 64 float16\)") as e:
+        probe(demo_betons, tmp_path / "run", init, "cache_views=4", "cache_dtype=float16")
+    assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
+
+    class Encoding(Exception):
+        pass
+
+    def encoding(*a, **k):
+        raise Encoding
+
+    monkeypatch.setattr(linprobe, "free_memory", lambda device: 71_000)  # 80%: 56,800 B, just enough
+    monkeypatch.setattr(linprobe, "extract_features", encoding)
+    with pytest.raises(Encoding):
+        probe(demo_betons, tmp_path / "run", init, "cache_views=4", "cache_dtype=float16")

@@ -123,6 +123,35 @@ def test_submit_preempt_twice_resume_to_the_weights_of_an_unbroken_run(slurm, de
     assert all(torch.equal(a[k], b[k]) for k in a), "the preempted run ended with other weights"
 
 
+def test_torchrun_template_checkpoints_on_usr2_requeues_and_resumes(slurm, demo_betons, tmp_path):
+    """sbatch templates/torchrun.sbatch (2 CPU processes), USR2 once training: the ranks stop at one
+    step with its checkpoint, rank 0 requeues the job, which resumes there and finishes."""
+    run_dir, out = tmp_path / "run", tmp_path / "job.out"
+    env = {**slurm, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "NPROC_PER_NODE": "2",
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["sbatch", "--parsable", "--gpus-per-node=0", "--cpus-per-task=2", "--time=5", f"--output={out}",
+                        "--open-mode=append", "slurm/templates/torchrun.sbatch", "fastssl.pretrain", PRETRAIN,
+                        *small(demo_betons, run_dir, "batch_size=8", "epochs=6", "log.every_steps=1")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    jid = r.stdout.strip().split(";")[0]
+    log, deadline = run_dir / "log.jsonl", time.time() + 150
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    assert log.exists(), out.read_text() if out.exists() else "no job output"
+    subprocess.run(["scancel", "--signal=USR2", jid], env=slurm, check=True)
+    deadline = time.time() + 240
+    while scontrol(jid, slurm).get("JobState") != "COMPLETED" and time.time() < deadline:
+        assert scontrol(jid, slurm).get("JobState") not in ("FAILED", "CANCELLED", "TIMEOUT"), out.read_text()
+        time.sleep(0.5)
+    text = out.read_text()
+    stopped = re.search(r"stopped on a signal at step (\d+); checkpoint saved", text)
+    assert stopped and f"requeued Slurm job {jid}" in text, text[-3000:]
+    assert re.search(rf"resumed from \S+ckpt_0*{stopped.group(1)}\.pt \(epoch \d+, step {stopped.group(1)}\)", text)
+    assert int(scontrol(jid, slurm)["Restarts"]) == 1
+    assert checkpoint.load_latest(run_dir)["progress"]["step"] == 6 * (100 // 8)  # finished after the resume
+
+
 def test_array_of_three_and_a_chain_pretrain_then_linprobe(slurm, demo_betons, tmp_path):
     jobs = tmp_path / "jobs"
     base = small(demo_betons, tmp_path / "sweep", "epochs=1")

@@ -127,6 +127,3 @@ def run(cfg: FinetuneConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cli.main(FinetuneConfig, run, "python -m fastssl.finetune", __doc__.splitlines()[0], argv)
 
-
-if __name__ == "__main__":
-    main()

@@ -17,6 +17,7 @@ from fastssl.eval import metrics
 from fastssl.models import MaskedAutoencoderViT
 from fastssl.models import weights
 from fastssl.run import cli, dist
+from fastssl.train import stop
 
 
 @torch.no_grad()
@@ -46,7 +47,7 @@ def extract(model: nn.Module, loader, info: dist.DistInfo, precision: str) -> tu
     was_training = model.training
     model.eval()
     feats, labels = [], []
-    for imgs, y in loader:
+    for imgs, y in stop.watch(loader):
         with dist.autocast(precision, info.device):
             f = encode(model, imgs)
         # half the memory of float32 on GPU (a 1.28M x 768 bank is 2 GB); CPU matmuls want float32
@@ -124,6 +125,3 @@ def run(cfg: KNNRunConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cli.main(KNNRunConfig, run, "python -m fastssl.knn", __doc__.splitlines()[0], argv)
 
-
-if __name__ == "__main__":
-    main()

@@ -11,18 +11,24 @@ probe replays the live one; with fewer views epoch e reuses view e mod K, reshuf
 """
 from __future__ import annotations
 
+import re
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.config import LinProbeConfig
+from fastssl.config import ConfigError, LinProbeConfig
 from fastssl.data import num_classes
 from fastssl.eval import metrics
 from fastssl.models import weights
 from fastssl.run import cli, dist
-from fastssl.train import engine, optim, progressive
+from fastssl.train import engine, optim, progressive, stop
+
+
+# of the free memory the cached features may take: the encoder's activations and the head need the rest
+CACHE_SHARE = 0.8
 
 
 class ProbeHead(nn.Module):
@@ -106,7 +112,7 @@ def extract_features(encoder: nn.Module, loader, views: int, info: dist.DistInfo
         t0 = time.perf_counter()
         loader.set_epoch(view)
         fs, ys = [], []
-        for imgs, y in loader:
+        for imgs, y in stop.watch(loader):
             with dist.autocast(precision, info.device):
                 fs.append(encoder(imgs).to(dtype))
             ys.append(y)
@@ -115,6 +121,33 @@ def extract_features(encoder: nn.Module, loader, views: int, info: dist.DistInfo
         if info.is_main:
             print(f"cached view {view + 1}/{views}: {len(feats[-1])} features in {time.perf_counter() - t0:.1f}s")
     return torch.stack(feats), torch.stack(labels)
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device`: the GPU's, or the machine's available memory (None where unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo, re.M)
+    return int(found.group(1)) * 1024 if found else None
+
+
+def check_cache_fits(cfg: LinProbeConfig, device: torch.device, dim: int, train_images: int,
+                     val_images: int) -> None:
+    """This process's cached features (its share of K train views and of val, with their labels)
+    must fit in what `device` has free: checked before the encoding, not hours into it."""
+    per_image = dim * getattr(torch, cfg.cache_dtype).itemsize + torch.int64.itemsize
+    need = (cfg.cache_views * train_images + val_images) * per_image
+    free = free_memory(device)
+    if free is not None and need > CACHE_SHARE * free:
+        raise ConfigError(
+            f"cache_views={cfg.cache_views}: the cached features need {need / 2**30:.1f} GiB per process "
+            f"on {device.type} ({cfg.cache_views} x {train_images} train + {val_images} val images x {dim} "
+            f"{cfg.cache_dtype}), {CACHE_SHARE:.0%} of the {free / 2**30:.1f} GiB free is the most allowed: "
+            "use fewer views, cache_dtype=float16, more processes, or cache_views=0 (encode live)")
 
 
 def build_encoder(cfg: LinProbeConfig) -> nn.Module:
@@ -139,6 +172,9 @@ def run(cfg: LinProbeConfig) -> dict:
         logits = m(x)  # (heads, B, C): the sum keeps each head's gradient its own
         return sum(F.cross_entropy(h, labels) for h in logits.float())
 
+    if cfg.cache_views:
+        check_cache_fits(cfg, info.device, encoder.num_features, len(train) * per_process_batch,
+                         len(val) * per_process_batch)
     with cli.run_folder(cfg, info) as (run_dir, logger):
         if cfg.cache_views:
             dtype = getattr(torch, cfg.cache_dtype)
@@ -167,6 +203,3 @@ def run(cfg: LinProbeConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     cli.main(LinProbeConfig, run, "python -m fastssl.linprobe", __doc__.splitlines()[0], argv)
 
-
-if __name__ == "__main__":
-    main()

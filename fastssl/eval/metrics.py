@@ -9,6 +9,7 @@ from torch import nn
 
 from fastssl import atomic
 from fastssl.run import dist
+from fastssl.train import stop
 
 
 def topk_hits(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -34,7 +35,7 @@ def evaluate_heads(model: nn.Module, loader, info: dist.DistInfo, precision: str
     was_training = model.training
     model.eval()
     counts = None
-    for x, labels in loader:
+    for x, labels in stop.watch(loader):
         with dist.autocast(precision, info.device):
             logits = model(x)
         hits = topk_hits(logits.float(), labels)

@@ -1,7 +1,8 @@
 """The encoder as a plain timm `VisionTransformer`, for linear probing, fine-tuning and export.
 
 The contract: an MAE state dict minus its decoder is a timm ViT state dict, key for key
-(`encoder_state_dict`). `load_encoder` is the one place that loads such weights into a timm ViT.
+(`encoder_state_dict`). `vit_state_dict` converts such weights for a timm ViT (weights from files
+come in through `checkpoint_filter.checkpoint_filter_fn`, which uses it).
 """
 from functools import partial
 
@@ -76,14 +77,13 @@ def _fit_pos_embed(pos_embed: torch.Tensor, vit: VisionTransformer, resize: str)
     return resample_abs_pos_embed(pos_embed, new_size=grid, num_prefix_tokens=prefix), "learned, resampled (timm)"
 
 
-def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor],
-                 resize: str = "sincos") -> str | None:
-    """Load MAE or timm ViT weights into `vit`, fitting `pos_embed` to its grid (`resize`: see
-    `_fit_pos_embed`); returns how the table was fitted, None when it fit as stored.
+def vit_state_dict(state_dict: dict[str, torch.Tensor], vit: VisionTransformer,
+                   resize: str = "sincos") -> tuple[dict[str, torch.Tensor], str | None]:
+    """MAE or timm ViT weights as `vit` loads them, and how `pos_embed` was fitted to its grid
+    (`resize`: see `_fit_pos_embed`; None when it fit as stored).
 
-    The classifier starts fresh: a checkpoint's `head.*` is dropped, `fc_norm.*` may be missing,
-    and the checkpoint's `norm.*` is dropped when `vit` pools before its norm (MAE fine-tuning
-    does the same). Any other mismatch raises a ValueError naming the keys.
+    The classifier starts fresh: a checkpoint's `head.*` is dropped, and its `norm.*` too when `vit`
+    pools before its norm (MAE fine-tuning does the same).
     """
     sd = {k: v for k, v in encoder_state_dict(state_dict).items() if not k.startswith("head.")}
     if isinstance(vit.norm, nn.Identity):
@@ -93,6 +93,14 @@ def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor],
         old = sd["pos_embed"].shape[1]
         sd["pos_embed"], how = _fit_pos_embed(sd["pos_embed"], vit, resize)
         fitted = f"position table of {old} -> {sd['pos_embed'].shape[1]} tokens: {how}"
+    return sd, fitted
+
+
+def load_encoder(vit: VisionTransformer, state_dict: dict[str, torch.Tensor],
+                 resize: str = "sincos") -> str | None:
+    """Load MAE or timm ViT weights (`vit_state_dict`) into `vit`; returns how the position table was
+    fitted. `fc_norm.*` may be missing; any other mismatch raises a ValueError naming the keys."""
+    sd, fitted = vit_state_dict(state_dict, vit, resize)
     missing, unexpected = vit.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(("head.", "fc_norm."))]
     if missing or unexpected:

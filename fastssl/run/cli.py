@@ -5,19 +5,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
+
+import torch
 
 from fastssl import atomic
 from fastssl.config import RunConfig, load_config, to_dict
 from fastssl.data import beton, jpeg_crop, make_eval_loader, make_pretrain_loader
 from fastssl.errors import ConfigError, NonFiniteLoss
 from fastssl.run import dist
-from fastssl.train import checkpoint
+from fastssl.train import checkpoint, stop
 from fastssl.train.logger import RunLogger
 
 C = TypeVar("C", bound=RunConfig)
+STOPPED = 75  # the exit status of a run stopped on a signal after its checkpoint (sysexits' EX_TEMPFAIL)
 
 
 def parse(cls: type[C], prog: str, description: str, argv: list[str] | None) -> C:
@@ -41,6 +47,27 @@ def main(cls: type[C], run: Callable[[C], object], prog: str, description: str,
     except (NonFiniteLoss, checkpoint.Unreadable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except stop.StopRequested as e:  # a submitit job never gets here: fastssl.run.job requeues it
+        print(e, file=sys.stderr, flush=True)
+        requeue_slurm_job()
+        sys.exit(STOPPED)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        print(f"error: torch.compile recompiled one stage's step more than "
+              f"torch._dynamo.config.recompile_limit={torch._dynamo.config.recompile_limit} times (its input "
+              "shapes or guards change from step to step); rerun with compile=false, which resumes from "
+              "the newest checkpoint", file=sys.stderr)
+        sys.exit(1)
+
+
+def requeue_slurm_job() -> None:
+    """Inside a Slurm job (the sbatch templates' route), rank 0 puts the job back in the queue after
+    the stop's checkpoint; Slurm ends every task, and the requeued job resumes from it."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None or int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) != 0:
+        return
+    r = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    print(f"requeued Slurm job {job}" if r.returncode == 0 else
+          f"could not requeue Slurm job {job} (is --requeue set?): {r.stderr.strip()}", file=sys.stderr, flush=True)
 
 
 def require_beton(key: str, path: str) -> None:
@@ -59,6 +86,9 @@ def start(cfg: RunConfig, split_batch: bool = True,
     it asks for is not built."""
     decode = jpeg_crop.describe(cfg.data.crop_decode) if split_batch else None
     info = dist.init(cfg.device)
+    # Every entry, whichever way it was launched (sbatch templates, submitit, by hand): USR2, Slurm's
+    # warning before the time limit or a preemption, saves a checkpoint and stops instead of killing.
+    stop.arm(signal.SIGUSR2)
     if decode and info.is_main:
         print(f"data: {decode}", flush=True)
     if split_batch:

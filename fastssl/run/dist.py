@@ -5,9 +5,12 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,10 @@ def init(device: str = "auto") -> DistInfo:
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
+        # TF32 tensor cores for whatever runs in fp32 (an fp32 recipe, matmuls autocast leaves in fp32);
+        # through the API inductor reads (mixing it with the per-backend fp32_precision one is an error)
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -78,6 +85,24 @@ def wait_for_all(timeout: timedelta) -> None:
         group = dist.new_group(backend="gloo", timeout=timeout)
         dist.monitored_barrier(group, timeout=timeout, wait_all_ranks=True)  # names the ranks missing
         dist.destroy_process_group(group)
+
+
+def broadcast_object(obj: T) -> T:
+    """Rank 0's `obj` on every rank (picklable; the argument is ignored elsewhere)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, in rank order."""
+    if not dist.is_initialized():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -78,7 +78,7 @@ class Job(submitit.helpers.Checkpointable):
         cfg = load_config(config_class(module), self.recipe, resolve_init(self.overrides))
         if self.stage_dir:
             self._copy_to_node(cfg)
-        submitit_handler = stop.arm(signal.SIGUSR2)
+        submitit_handler = signal.getsignal(signal.SIGUSR2)  # the entry's start-up arms the stop over it
         try:
             return module.run(cfg)
         except stop.StopRequested as e:

@@ -69,23 +69,29 @@ def latest_valid(run_dir: str | Path) -> Path | None:
     return next((p for p in reversed(list_checkpoints(run_dir)) if atomic.verify_archive(p) is None), None)
 
 
+def load(path: Path) -> tuple[dict | None, str | None]:
+    """(state, None) if `path` verifies and loads, else (None, why not)."""
+    problem = atomic.verify_archive(path)
+    if problem is not None:
+        return None, problem
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: the caller falls back or stops
+        return None, f"{type(e).__name__}: {e}"
+    state["path"] = str(path)
+    return state, None
+
+
 def load_latest(run_dir: str | Path, restart: bool = False) -> dict | None:
     """The newest checkpoint that verifies and loads; a corrupt newest one (killed disk, bad node) is
     skipped. None if the folder has no checkpoints. If it has some and none loads, raises
     :class:`Unreadable` unless `restart` (the user's decision to start over from step 0 there)."""
     found = list_checkpoints(run_dir)
     for path in reversed(found):
-        problem = atomic.verify_archive(path)
+        state, problem = load(path)
         if problem is None:
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # any unreadable file: fall back to the one before
-                problem = f"{type(e).__name__}: {e}"
-        if problem is not None:
-            print(f"checkpoint: skipping unreadable {path.name}: {problem}", file=sys.stderr)
-            continue
-        state["path"] = str(path)
-        return state
+            return state
+        print(f"checkpoint: skipping unreadable {path.name}: {problem}", file=sys.stderr)
     if found and not restart:
         raise Unreadable(f"none of the {len(found)} checkpoints in {checkpoint_dir(run_dir)} loads "
                          f"({', '.join(p.name for p in found)}; reasons above): set checkpoint.restart=true "

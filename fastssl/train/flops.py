@@ -160,6 +160,3 @@ def main(argv: list[str] | None = None) -> None:
     if other is not None:
         print(f"ratio to {args.versus}: {out['versus']['ratio']:.3f}x")
 
-
-if __name__ == "__main__":
-    main()

@@ -12,6 +12,7 @@ from fastssl.config import ConfigError, PretrainConfig
 from fastssl.eval import knn
 from fastssl.models import build_mae, scalenet
 from fastssl.models import weights
+from fastssl.models.checkpoint_filter import raw_model_state
 from fastssl.run import cli
 from fastssl.train import depth_growth, engine, flops, optim, progressive
 from fastssl.train.visualize import save_reconstructions, spread_val_images
@@ -95,7 +96,7 @@ class ViewRateLogger:
 
 def _restore_scalenet(model: torch.nn.Module, state: dict, path: str) -> None:
     try:
-        scalenet.restore(model, weights.raw_model_state(state))
+        scalenet.restore(model, raw_model_state(state))
     except (KeyError, ValueError) as e:
         raise ConfigError(f"init={path!r}: bad ScaleNet spec ({e})") from None
 
@@ -118,6 +119,3 @@ def _check_scalenet(cfg: PretrainConfig, model: torch.nn.Module, schedule: progr
 def main(argv: list[str] | None = None) -> None:
     cli.main(PretrainConfig, run, "python -m fastssl.pretrain", __doc__.splitlines()[0], argv)
 
-
-if __name__ == "__main__":
-    main()
