@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in out["stages"]:
         a, b = r["epochs"]
         print(f"{a:>5}-{b - 1:<5} {r['res']:>4} {r['mask_ratio']:>6.3f} {r['visible']:>7} {r['views']:>5} "
-              f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / scale:>8.1f} {r['flops'] / out['total']:>6.1%}")
+              f"{r['depth']:>5} {r['gflops_per_image']:>10.2f} {r['flops'] / 1e18:>8.1f} {r['flops'] / out['total']:>6.1%}")
     print(f"total {out['total'] / 1e18:.1f} EFLOPs; fixed-size baseline {out['baseline'] / 1e18:.1f} EFLOPs; "
           f"ratio {out['ratio']:.3f}x")
     if other is not None:
