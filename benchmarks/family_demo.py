@@ -1,7 +1,7 @@
 """A model family in one run vs each member trained from scratch, at equal epochs per member, on the
 demo data: linear-probe top-1 per member, training FLOPs and wall time.
 
-    python -m benchmarks.family_demo [--epochs N] [--probe-epochs N] [--seeds 0 1 2] [--out runs/bench_family] [--quick]
+    python -m benchmarks.family_demo [--epochs 2] [--probe-epochs 30] [--seeds 0 1 2] [--out runs/bench_family] [--quick]
 
 The family is `python -m fastssl.family recipes/demo/pretrain_cpu_family.yaml` (micro -> mini -> midi,
 N epochs each); from scratch, mini and midi are `python -m fastssl.pretrain` runs of N epochs at the
@@ -66,8 +66,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/demo")
     p.add_argument("--out", default="runs/bench_family")
-    p.add_argument("--epochs", type=int, default=3, help="pretraining epochs per member")
-    p.add_argument("--probe-epochs", type=int, help="linear-probe epochs (default: the recipe's)")
+    p.add_argument("--epochs", type=int, default=2, help="pretraining epochs per member")
+    p.add_argument("--probe-epochs", type=int, default=30, help="linear-probe epochs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="one seed, 1 epoch per member, 5 probe epochs")
     args = p.parse_args()
