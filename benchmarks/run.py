@@ -16,7 +16,7 @@ from .common import fail
 ROOT = Path(__file__).resolve().parents[1]
 
 BENCHMARKS = ("loader", "data_prep", "train_step", "memory", "recipe_compute", "linprobe_cache", "mask_views_demo",
-              "autoprog_search_demo", "apollo_demo")
+              "autoprog_search_demo", "apollo_demo", "family_demo")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ and what is allowed; entry points print it and exit 2 before anything is written
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -17,6 +18,7 @@ import yaml
 
 from fastssl import atomic
 from fastssl.errors import ConfigError
+from fastssl.models import width
 from fastssl.models.sizes import get_size
 from fastssl.train.progressive import check_search, from_config
 
@@ -33,9 +35,12 @@ class DataConfig:
     crop_decode: bool = True
 
 
+SizeName = Literal["micro", "mini", "midi", "tiny", "small", "base", "large", "huge"]  # models/sizes.py
+
+
 @dataclass
 class ModelConfig:
-    size: Literal["micro", "tiny", "small", "base", "large", "huge"] = "base"
+    size: SizeName = "base"
     patch_size: int = 16
     norm_pix_loss: bool = True
     drop_path: float = 0.0
@@ -199,6 +204,9 @@ class StageConfig:
     epoch: int = 0
     res: Optional[int] = None
     depth: Optional[int] = None  # executed encoder blocks
+    # the model size from this stage on: a wider one grows the width (progressive.growth.width),
+    # and the encoder has that size's blocks (`depth` still says how many run)
+    size: Optional[SizeName] = None
     mask_ratio: Optional[float] = None
     drop_path: Optional[float] = None
     # per-process micro-batch; the global batch stays batch_size, so this stage accumulates
@@ -216,6 +224,10 @@ class GrowthConfig:
     # which old layer each new position copies (copying ops): floor = j L / L' rounded down; autoprog =
     # AutoProg's `new_idx` (the last L' - L layers duplicated in place: 6 -> 8 is [0,1,2,3,4,4,5,5])
     map: Literal["floor", "autoprog"] = "floor"
+    # a stage's wider `size`: duplicate (integer width ratios, function-preserving) or masked (any
+    # ratio; new channels open linearly over `mask_steps` optimizer steps); models/width.py
+    width: Literal["duplicate", "masked"] = "duplicate"
+    mask_steps: int = 1000
 
 
 @dataclass
@@ -317,6 +329,84 @@ class PretrainConfig(RunConfig):
                    f"progressive.stages[{i}].micro_batch", st.micro_batch,
                    f"must divide the per-process batch batch_size / world_size = {self.batch_size} / {world_size} "
                    f"= {per} (allowed: {allowed})")
+
+
+@dataclass
+class MemberConfig:
+    """One member of a model family, trained after it is grown from the member before it."""
+
+    size: SizeName = "base"
+    epochs: int = 100  # its own warmup and cosine; the family's optim.warmup_epochs each
+    blr: Optional[float] = None  # null: the family's per-size rule (FamilyConfig.member_blr)
+    width: Optional[Literal["duplicate", "masked"]] = None  # its width growth; null: progressive.growth.width
+    micro_batch: Optional[int] = None  # per process, as a progressive stage's
+
+
+@dataclass
+class FamilyConfig(PretrainConfig):
+    """A model family in one run (`python -m fastssl.family`): the members in order, each grown in
+    width and depth from the one before and trained on as its own MAE run in `members/<size>/`."""
+
+    members: list[MemberConfig] = field(default_factory=list)
+    # max LR by size: the largest member trains at optim.blr, a narrower one at
+    # blr x (largest width / its width) ** lr_width_power (0: MAE's one blr for every size)
+    lr_width_power: float = 0.5
+
+    def member_blr(self, k: int) -> float:
+        m = self.members[k]
+        if m.blr is not None:
+            return m.blr
+        widest = get_size(self.members[-1].size).embed_dim
+        return self.optim.blr * (widest / get_size(m.size).embed_dim) ** self.lr_width_power
+
+    def member(self, k: int) -> PretrainConfig:
+        """Member k's own pretraining run: from member k - 1's final state (model size k - 1, a first
+        stage that grows it to size k), in run_dir/members/<size>."""
+        m = self.members[k]
+        cfg = PretrainConfig(**{f.name: copy.deepcopy(getattr(self, f.name))
+                                for f in dataclasses.fields(PretrainConfig)})
+        cfg.run_dir = str(Path(self.run_dir) / "members" / m.size)
+        cfg.epochs = m.epochs
+        cfg.optim.blr = self.member_blr(k)
+        cfg.model.size = self.members[k - 1].size if k else m.size
+        cfg.init = self.init if k == 0 else ""
+        growth = cfg.progressive.growth
+        growth.width = m.width or growth.width
+        cfg.progressive.stages = [StageConfig(epoch=0, size=m.size, depth=get_size(m.size).depth,
+                                              micro_batch=m.micro_batch)]
+        return cfg
+
+    def validate(self) -> None:
+        _check(bool(self.members), "members", self.members, "must list the family's members, smallest first")
+        _check(not self.progressive.stages, "progressive.stages", "[...]",
+               "a family's members set its stages (one per member); leave it empty")
+        _check(self.optim.lr is None, "optim.lr", self.optim.lr, "a family scales optim.blr by size; set that")
+        _check(self.model.depth is None, "model.depth", self.model.depth, "a family's members have their sizes' depths")
+        _check(not self.progressive.search.stages, "progressive.search.stages", "[...]",
+               "a family's members grow in width, which the search's shared blocks do not follow; leave it empty")
+        _check(self.progressive.elastic_depth is None, "progressive.elastic_depth", "{...}",
+               "a family's members grow in width, which elastic depth's shared blocks do not follow; leave it null")
+        total = sum(m.epochs for m in self.members)
+        _check(self.epochs == total, "epochs", self.epochs,
+               f"a family trains its members one after another: set it to their sum, {total}")
+        for k, m in enumerate(self.members):
+            key = f"members[{k}]"
+            _check(m.epochs > 0, f"{key}.epochs", m.epochs, "must be > 0")
+            _check(m.epochs > self.optim.warmup_epochs, f"{key}.epochs", m.epochs,
+                   f"must be > optim.warmup_epochs={self.optim.warmup_epochs} (every member warms up)")
+            _check(m.blr is None or m.blr > 0, f"{key}.blr", m.blr, "must be > 0 or null")
+            if k:
+                prev = self.members[k - 1]
+                method = m.width or self.progressive.growth.width
+                try:
+                    width.check_sizes(method, get_size(prev.size), get_size(m.size))
+                except ValueError as e:
+                    raise ConfigError(f"{key}.size={m.size!r}: cannot grow from {prev.size} ({method}): {e}") from None
+                _check(m.size != prev.size and get_size(m.size).depth >= get_size(prev.size).depth,
+                       f"{key}.size", m.size, f"must be a larger size than {prev.size} (wider, at least as deep)")
+        super().validate()
+        for k in range(len(self.members)):
+            self.member(k).validate()
 
 
 @dataclass
@@ -432,6 +522,11 @@ def load_config(cls: type[T], recipe: str | Path | None, overrides: list[str] = 
     cfg = _build(cls, raw, prefix="")
     cfg.validate()
     return cfg
+
+
+def recipe_dict(recipe: str | Path) -> dict:
+    """A recipe's keys as written, its `_base_` chain merged (before any schema check)."""
+    return _read_recipe(Path(recipe))
 
 
 def to_dict(cfg: Any) -> dict:

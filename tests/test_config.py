@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from fastssl.config import ConfigError, FinetuneConfig, KNNRunConfig, LinProbeConfig, PretrainConfig, load_config
+from fastssl.config import (ConfigError, FamilyConfig, FinetuneConfig, KNNRunConfig, LinProbeConfig, PretrainConfig,
+                            load_config)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -28,9 +29,9 @@ def test_base_recipe_is_inherited():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_loads(recipe):
-    kinds = {"linprobe": LinProbeConfig, "finetune": FinetuneConfig, "knn": KNNRunConfig}
+    kinds = {"linprobe": LinProbeConfig, "finetune": FinetuneConfig, "knn": KNNRunConfig, "family": FamilyConfig}
     cls = next((c for kind, c in kinds.items() if kind in recipe.name), PretrainConfig)
-    overrides = [] if cls is PretrainConfig else ["init=random"]
+    overrides = [] if issubclass(cls, PretrainConfig) else ["init=random"]
     load_config(cls, recipe, overrides)
 
 

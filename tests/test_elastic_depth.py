@@ -17,7 +17,7 @@ from fastssl.train import elastic_depth, engine, flops, optim
 from fastssl.train.depth_growth import DepthGrowth
 from fastssl.train.progressive import Stage
 from tests import ddp_probe
-from tests.test_progressive_pretrain import _equal, _flatten, demo_args, resume_from
+from tests.test_progressive_pretrain import assert_same, demo_args, resume_at
 
 ROOT = Path(__file__).resolve().parents[1]
 APOLLO = ROOT / "recipes/demo/pretrain_cpu_apollo.yaml"
@@ -239,14 +239,10 @@ def test_resume_mid_stage_is_bitwise_exact(demo_betons, tmp_path, capsys):
     ckpts = checkpoint.list_checkpoints(tmp_path / "straight")
     for last in (ckpts[3], ckpts[6]):
         broken = tmp_path / f"broken_{last.name}"
-        resumed = resume_from(ckpts, last, broken, run, capsys)
+        resumed = resume_at(ckpts, last, broken, run, capsys)
         step = torch.load(last, weights_only=True)["progress"]["step"]
         assert [d for r in logged(broken) for d in r.get("depths", [])] == depths[step:]
-        for part in ("model", "optimizer"):
-            a, b = _flatten(straight[part]), _flatten(resumed[part])
-            assert a.keys() == b.keys()
-            assert all(_equal(a[k], b[k]) for k in a), \
-                f"{part} differs after resuming at {last.name}"
+        assert_same(straight, resumed, ("model", "optimizer"), f"after resuming at {last.name}")
 
 
 def test_ddp_two_gloo_processes_run_the_same_depths(demo_betons, tmp_path):

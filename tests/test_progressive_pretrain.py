@@ -79,12 +79,8 @@ def test_resume_across_growth_is_bitwise_exact(demo_betons, tmp_path, growth, ca
     after = next(p for p in ckpts if at[p]["progress"] == {"epoch": 2, "micro": 4, "micro_batch": 8, "step": 7})
     assert at[before]["progressive"]["layer_plan"] == [0] and at[after]["progressive"]["layer_plan"] == [0, 1, 2, 3]
     for i, last in enumerate((before, after)):
-        resumed = resume_from(ckpts, last, tmp_path / f"broken{i}", run, capsys)
-        for part in ("model", "optimizer"):
-            a, b = straight[part], resumed[part]
-            flat_a, flat_b = _flatten(a), _flatten(b)
-            assert flat_a.keys() == flat_b.keys()
-            assert all(_equal(flat_a[k], flat_b[k]) for k in flat_a), f"{part} differs after resuming at {last.name}"
+        resumed = resume_at(ckpts, last, tmp_path / f"broken{i}", run, capsys)
+        assert_same(straight, resumed, ("model", "optimizer"), f"after resuming at {last.name}")
         pa, pb = straight["progressive"], resumed["progressive"]
         assert pa["layer_plan"] == pb["layer_plan"] and pa["gate_start"] == pb["gate_start"]
         assert (pa["ema"] is None) == (pb["ema"] is None)
@@ -162,16 +158,24 @@ def test_probe_and_export_of_a_checkpoint_saved_before_the_growth(demo_betons, t
     assert torch.equal(vit.blocks[0].attn.qkv.weight, state["model"]["blocks.0.attn.qkv.weight"])
 
 
-def resume_from(ckpts: list[Path], last: Path, broken: Path, run, capsys) -> dict:
-    """`run(broken)` in a run folder holding `ckpts` up to `last`, as if killed after writing it:
-    checks that it resumed from `last` and returns what `run` returns."""
-    checkpoint.checkpoint_dir(broken).mkdir(parents=True)
+def resume_at(ckpts: list[Path], last: Path, run_dir: Path, run, capsys) -> dict:
+    """A run killed after writing `last`: its checkpoints up to `last` in `run_dir`, `run(run_dir)`
+    resumed from it; the final checkpoint it ends with."""
+    checkpoint.checkpoint_dir(run_dir).mkdir(parents=True)
     for p in ckpts[: ckpts.index(last) + 1]:
-        shutil.copy(p, checkpoint.checkpoint_dir(broken) / p.name)
+        shutil.copy(p, checkpoint.checkpoint_dir(run_dir) / p.name)
     capsys.readouterr()
-    resumed = run(broken)
-    assert f"resumed from {checkpoint.checkpoint_dir(broken) / last.name}" in capsys.readouterr().out
+    resumed = run(run_dir)
+    assert f"resumed from {checkpoint.checkpoint_dir(run_dir) / last.name}" in capsys.readouterr().out
     return resumed
+
+
+def assert_same(a: dict, b: dict, parts: tuple[str, ...], when: str) -> None:
+    """Checkpoints `a` and `b` hold bitwise-equal `parts` (nested tensors and values)."""
+    for part in parts:
+        flat_a, flat_b = _flatten(a[part]), _flatten(b[part])
+        assert flat_a.keys() == flat_b.keys()
+        assert all(_equal(flat_a[k], flat_b[k]) for k in flat_a), f"{part} differs {when}"
 
 
 def _flatten(tree, prefix=""):

@@ -21,7 +21,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from . import scalenet
+from . import scalenet, width
 from .vit import vit_state_dict
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -58,8 +58,11 @@ def checkpoint_filter_fn(checkpoint: dict, model: nn.Module, pos_embed_resize: s
     MAE; `pos_embed_resize` as in `vit.vit_state_dict`. ValueError when it cannot be converted."""
     vit = isinstance(model, VisionTransformer)
     sd = stored_state_dict(checkpoint, merge_scalenet=not scalenet.is_expanded(model), plan=vit, note=note)
+    grown = width.pos_table(sd, tuple(model.patch_embed.grid_size)) if vit else None
     sd = {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
     if vit:
+        if grown is not None and "pos_embed" in sd:  # a width-grown MAE's sin-cos channels at this grid, exactly
+            sd["pos_embed"] = grown.to(sd["pos_embed"].dtype)
         sd, fitted = vit_state_dict(sd, model, pos_embed_resize)
         if fitted:
             note(fitted)
@@ -73,6 +76,9 @@ def _peeled(sd: dict, keep_spec: bool = False) -> dict:
         if k == scalenet.SPEC_KEY:
             if keep_spec:
                 out[k] = v
+            continue
+        if k == width.SPEC_KEY:  # a width-grown MAE's position channels: its table at any grid
+            out[k] = v
             continue
         if not isinstance(v, torch.Tensor):
             continue

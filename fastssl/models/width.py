@@ -44,6 +44,7 @@ from torch import nn
 
 from .growth import _zero_residual, apply_plan
 from .mae import MaskedAutoencoderViT
+from .pos_embed import cached_channel_pos_embed
 from .sizes import ViTSize, get_size
 
 METHODS = ("duplicate", "masked")
@@ -189,15 +190,9 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
     if hasattr(model, "width_masked"):
         raise ValueError("the model's new channels from a masked growth are still ramping in; grow it "
                          "again once they are fully open")
-    grid = model.patch_embed.grid_size
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        new = MaskedAutoencoderViT(
-            img_size=grid[0] * model.patch_size, patch_size=model.patch_size,
-            in_chans=model.patch_embed.proj.in_channels, embed_dim=s.embed_dim, depth=n_blocks,
-            num_heads=s.num_heads, decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
-            decoder_num_heads=s.decoder_num_heads, mlp_ratio=s.mlp_ratio, norm_pix_loss=model.norm_pix_loss)
-    new.to(model.cls_token.device, model.cls_token.dtype)
+        new = _like(model, s, n_blocks)
     g = WidthGrowth(old, {a: _source_map(method, old[a], dims[a]) for a in _AXES}, {}, {})
     gen = torch.Generator().manual_seed(seed)
     live = dict(new.named_parameters())
@@ -223,6 +218,36 @@ def widen(model: MaskedAutoencoderViT, size: str | ViTSize, method: str, seed: i
         _install_masks(new, old)
     _register(new)
     return new, g
+
+
+def _like(model: MaskedAutoencoderViT, s: ViTSize, blocks: int) -> MaskedAutoencoderViT:
+    """A fresh MAE of `s`'s widths with `blocks` encoder blocks, on `model`'s grid, device and dtype."""
+    grid = model.patch_embed.grid_size
+    new = MaskedAutoencoderViT(
+        img_size=grid[0] * model.patch_size, patch_size=model.patch_size,
+        in_chans=model.patch_embed.proj.in_channels, embed_dim=s.embed_dim, depth=blocks,
+        num_heads=s.num_heads, decoder_embed_dim=s.decoder_embed_dim, decoder_depth=s.decoder_depth,
+        decoder_num_heads=s.decoder_num_heads, mlp_ratio=s.mlp_ratio, norm_pix_loss=model.norm_pix_loss)
+    return new.to(model.cls_token.device, model.cls_token.dtype)
+
+
+def check_sizes(method: str, old: ViTSize, new: ViTSize) -> None:
+    """ValueError when a model of size `old` cannot be width-grown to `new` by `method` (a recipe's
+    stages are checked before anything is built)."""
+    _check(method, _size_dims(old), _size_dims(new),
+           (old.embed_dim // old.num_heads, old.decoder_embed_dim // old.decoder_num_heads),
+           (new.embed_dim // new.num_heads, new.decoder_embed_dim // new.decoder_num_heads))
+    if new.decoder_depth < old.decoder_depth:
+        raise ValueError(f"decoder depth {new.decoder_depth} is below {old.decoder_depth}: growth only grows")
+
+
+def rebuilt(model: MaskedAutoencoderViT, size: str, blocks: int, saved_spec: dict | None) -> MaskedAutoencoderViT:
+    """An MAE shaped like one that `widen` grew from `model` to `size` with `blocks` encoder blocks,
+    its position channels and masks as `saved_spec` (`spec` of that model) says: what a resumed run
+    loads the grown model's state into. The values are placeholders."""
+    new = _like(model, _target_size(model, size), blocks)
+    restore(new, {SPEC_KEY: saved_spec} if saved_spec is not None else {})
+    return new
 
 
 def _carry_positions(model: MaskedAutoencoderViT, new: MaskedAutoencoderViT, g: WidthGrowth) -> None:
@@ -372,6 +397,18 @@ def restore(model: MaskedAutoencoderViT, state_dict: dict) -> None:
         if s["masked"]["value"] > 0:
             set_mask(model, float(s["masked"]["value"]))
     _register(model)
+
+
+def pos_table(state_dict: dict, grid: tuple[int, int]) -> torch.Tensor | None:
+    """The encoder position table (cls row first) a width-grown state dict runs at `grid`: its first
+    width's sin-cos table, channels mapped (evaluations at another resolution regenerate it, as for a
+    plain MAE, rather than resample the stored one). None for a plain state dict."""
+    s = state_dict.get(SPEC_KEY)
+    if not isinstance(s, dict) or "pos_embed" not in s.get("pos_channels", {}):
+        return None
+    dim, channels = s["pos_channels"]["pos_embed"]
+    return cached_channel_pos_embed(int(dim), tuple(int(c) for c in channels), *grid, torch.device("cpu"),
+                                    torch.float32)
 
 
 def ramping(state_dict: dict) -> float | None:

@@ -61,7 +61,11 @@ LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Stage], torch.Tensor]
 
 
 class StageHook(Protocol):
-    """Applies stages to the model (e.g. `depth_growth.DepthGrowth`); its state is checkpointed."""
+    """Applies stages to the model (e.g. `depth_growth.DepthGrowth`); its state is checkpointed.
+    `model` and `optimizer` are what training runs: a width growth replaces both."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
 
     unused_params: bool  # some trainable parameters may get no gradient in a step (a supernet)
 
@@ -158,14 +162,15 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if self.stages is not None:  # first: the model's structure (a width growth), its layer plan
+            self.stages.load_state_dict(state["progressive"])
+            self.model, self.optimizer = self.stages.model, self.stages.optimizer
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         for name, obj in self.extra.items():
             obj.load_state_dict(state[name])
-        if self.stages is not None:
-            self.stages.load_state_dict(state["progressive"])  # the layer plan before the first forward
 
 
 def load_agreed(cfg: RunConfig, info: dist.DistInfo) -> dict | None:
@@ -337,7 +342,7 @@ def fit(
 
     state = TrainState(model, optimizer, scaler, stages, extra_state or {})
     resume(cfg, info, state)
-    progress = state.progress
+    model, optimizer, progress = state.model, state.optimizer, state.progress
     ddp = step_model = None  # built at the first stage, rebuilt after each structural change
     window = LogWindow(cfg, info, logger, device_peak_flops(info.device, cfg.log.peak_tflops)
                        if flops_per_image else None)
@@ -353,6 +358,8 @@ def fit(
             progress.micro = progress.micro * progress.micro_batch // micro_batch
         progress.micro_batch = micro_batch
         changed = stages is not None and stages.enter(stage, progress.step)
+        if changed:  # a width growth: a new model and optimizer
+            model, optimizer = state.model, state.optimizer = stages.model, stages.optimizer
         if step_model is None or changed:
             ddp = step_model = None  # the old wrapper's hooks go before the new one's are registered
             ddp, step_model = build_step_model(cfg, info, model, getattr(stages, "unused_params", False))

@@ -33,6 +33,7 @@ def mae_flops(size: str, patch_size: int, res: int, mask_ratio: float, depth: in
 
 def train_flops_per_image(size: str, patch_size: int, stage: Stage) -> int:
     """Forward + backward per image: the patch embedding once (forward + weight gradient), the rest
-    of the encoder and the decoder once per masked view (forward + 2x backward)."""
-    f = mae_flops(size, patch_size, stage.res, stage.mask_ratio, stage.depth)
+    of the encoder and the decoder once per masked view (forward + 2x backward). `size`: the model's
+    unless the stage sets its own."""
+    f = mae_flops(stage.size or size, patch_size, stage.res, stage.mask_ratio, stage.depth)
     return 3 * stage.mask_views * (f["encoder"] - f["embed"] + f["decoder"]) + 2 * f["embed"]

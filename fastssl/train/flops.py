@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from fastssl.config import ConfigError, PretrainConfig, load_config
+from fastssl.config import ConfigError, FamilyConfig, PretrainConfig, load_config, recipe_dict
 from fastssl.models import len_keep
 from fastssl.models.sizes import get_size
 from fastssl.train.elastic_depth import ElasticDepth
@@ -64,6 +64,48 @@ def recipe_flops(cfg: PretrainConfig, images: int = IMAGENET_TRAIN) -> dict:
     return {"stages": rows, "total": total, "baseline": base, "ratio": total / base}
 
 
+def alone_flops(cfg: PretrainConfig, size: str, epochs: int, images: int = IMAGENET_TRAIN) -> float:
+    """Training `size` from scratch for `epochs` at the recipe's resolution and mask ratio."""
+    stage = Stage(cfg.data.res, cfg.mask_ratio, mask_views=cfg.mask_views)
+    return train_flops_per_image(size, cfg.model.patch_size, stage) * images * epochs
+
+
+def family_flops(cfg: FamilyConfig, images: int = IMAGENET_TRAIN) -> dict:
+    """Per member: the family's FLOPs in its stage, and training it alone (from scratch) for its own
+    epochs and for all the epochs the family has run when it is done; totals, and the largest member
+    alone for the family's epochs."""
+    rows, done = [], 0
+    for k, m in enumerate(cfg.members):
+        done += m.epochs
+        rows.append({"size": m.size, "epochs": [done - m.epochs, done], "blr": cfg.member_blr(k),
+                     "flops": recipe_flops(cfg.member(k), images)["total"],
+                     "alone_own_epochs": alone_flops(cfg, m.size, m.epochs, images),
+                     "alone_all_epochs": alone_flops(cfg, m.size, done, images)})
+    total = sum(r["flops"] for r in rows)
+    return {"members": rows, "total": total, "alone_own_epochs": sum(r["alone_own_epochs"] for r in rows),
+            "alone_all_epochs": sum(r["alone_all_epochs"] for r in rows),
+            "largest_alone": alone_flops(cfg, cfg.members[-1].size, cfg.epochs, images)}
+
+
+def _print_family(recipe: str, cfg: FamilyConfig, out: dict, images: int) -> None:
+    scale, unit = (1e18, "EFLOPs") if out["total"] >= 1e17 else (1e12, "TFLOPs")  # the demo's are tiny
+    print(f"{recipe}: MAE family {' -> '.join(m.size for m in cfg.members)} /{cfg.model.patch_size}, "
+          f"{cfg.epochs} epochs x {images:,} images")
+    print(f"{'member':>8} {'epochs':>11} {'blr':>8} {unit:>8} {'share':>6} {'alone, own epochs':>18} "
+          f"{'alone, all epochs':>18}")
+    for r in out["members"]:
+        a, b = r["epochs"]
+        print(f"{r['size']:>8} {a:>5}-{b - 1:<5} {r['blr']:>8.3g} {r['flops'] / scale:>8.1f} "
+              f"{r['flops'] / out['total']:>6.1%} {r['alone_own_epochs'] / scale:>18.1f} "
+              f"{r['alone_all_epochs'] / scale:>18.1f}")
+    t = out["total"]
+    print(f"total {t / scale:.1f} {unit}; each member alone for its own epochs {out['alone_own_epochs'] / scale:.1f} "
+          f"({t / out['alone_own_epochs']:.3f}x), for the family's epochs up to it "
+          f"{out['alone_all_epochs'] / scale:.1f} ({t / out['alone_all_epochs']:.3f}x); "
+          f"{cfg.members[-1].size} alone for {cfg.epochs} epochs {out['largest_alone'] / scale:.1f} "
+          f"({t / out['largest_alone']:.3f}x)")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m fastssl.flops", description=__doc__.splitlines()[0])
     p.add_argument("recipe")
@@ -74,8 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run", metavar="RUN_DIR", help="a search recipe: also the schedule this run chose")
     args = p.parse_args(argv)
     try:
-        cfg = load_config(PretrainConfig, args.recipe, args.overrides)
+        family = "members" in recipe_dict(args.recipe)
+        cfg = load_config(FamilyConfig if family else PretrainConfig, args.recipe, args.overrides)
         other = load_config(PretrainConfig, args.versus) if args.versus else None
+        if family and other is not None:
+            raise ConfigError(f"--versus {args.versus!r}: a family recipe is compared with its members alone")
         if cfg.progressive.search.stages:  # the run picks the depths: a range, and a run's pick
             from fastssl.train import search
 
@@ -87,6 +132,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    if family:
+        out = family_flops(cfg, args.images)
+        print(json.dumps(out, indent=2)) if args.json else _print_family(args.recipe, cfg, out, args.images)
+        return
     out = recipe_flops(cfg, args.images)
     if other is not None:
         out["versus"] = {"recipe": args.versus, "ratio": out["total"] / recipe_flops(other, args.images)["total"]}

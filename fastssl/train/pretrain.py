@@ -5,7 +5,7 @@ Resumes by itself from the newest valid checkpoint in `run_dir`; `init=` seeds a
 from __future__ import annotations
 
 from dataclasses import replace
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 
@@ -38,10 +38,15 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     _check_scalenet(cfg, model, schedule)
     if cfg.scalenet.freeze_shared:
         scalenet.freeze_shared(model)  # before the optimizer: frozen weights are not in it
-    optimizer = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
-                            adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
+
+    def make_optimizer(m: torch.nn.Module) -> torch.optim.Optimizer:
+        return optim.adamw(m, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, info.device,
+                           adapter_lr_scale=cfg.scalenet.adapter_lr_scale, decay_tokens=cfg.decay_tokens)
+
+    optimizer = make_optimizer(model)
     loader = cli.train_loader(cfg, info)
-    train_flops = partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size)
+    # per (stage, executed depth): the engine asks at every step
+    train_flops = lru_cache(maxsize=None)(partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
     elastic = None
     if cfg.progressive.search.stages:
         if cfg.progressive.elastic_depth is not None:
@@ -58,12 +63,15 @@ def run(cfg: PretrainConfig) -> engine.Progress:
         if cfg.progressive.elastic_depth is not None:
             elastic = elastic_depth.ElasticDepth(cfg.progressive.elastic_depth, len(model.blocks), cfg.seed)
             elastic_depth.set_recompile_limit(cfg.progressive.elastic_depth.num_depths)
-        stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth, schedule(0).depth, elastic)
+        first = schedule(0)  # a first stage of another size grows from the whole model as built
+        stages = depth_growth.DepthGrowth(model, optimizer, cfg.progressive.growth,
+                                          first.depth if first.size in (None, cfg.model.size) else None, elastic,
+                                          size=cfg.model.size, make_optimizer=make_optimizer, seed=cfg.seed)
 
         def flops_per_image(stage: progressive.Stage) -> float:
             """As `python -m fastssl.flops` counts them, at the depth this step runs (the stage's, or
-            its elastic draw: the engine asks at every step's start)."""
-            return train_flops(replace(stage, depth=len(model.layer_plan)))
+            its elastic draw) and the stage's size; `stages.model`: a width growth replaces the model."""
+            return train_flops(replace(stage, depth=len(stages.model.layer_plan)))
 
     def loss_fn(m, imgs, labels, stage: progressive.Stage) -> torch.Tensor:
         return m(imgs, mask_ratio=stage.mask_ratio, views=stage.mask_views)[0]
@@ -141,7 +149,11 @@ def _check_scalenet(cfg: PretrainConfig, model: torch.nn.Module, schedule: progr
     if cfg.scalenet.freeze_shared and not scalenet.is_expanded(model):
         raise ConfigError("scalenet.freeze_shared=true: init must be a ScaleNet-expanded checkpoint "
                           "(python -m fastssl.expand)")
-    depths = {stage.depth for _, _, stage in schedule.segments(cfg.epochs)}
+    segments = schedule.segments(cfg.epochs)
+    if scalenet.is_expanded(model) and {st.size for _, _, st in segments} - {None, cfg.model.size}:
+        raise ConfigError("progressive stages set another model size: a ScaleNet-expanded init cannot grow in "
+                          "width; drop the size stages")
+    depths = {stage.depth for _, _, stage in segments}
     if scalenet.is_expanded(model) and depths != {len(model.blocks)}:
         # growth copies block weights in place, which would overwrite every position sharing them
         raise ConfigError(f"progressive depth stages {sorted(depths)}: a ScaleNet-expanded init runs all "

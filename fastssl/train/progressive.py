@@ -4,8 +4,8 @@ before anything runs; `depth_growth.DepthGrowth` applies a stage to the model).
 
 The engine asks `schedule(epoch)` at every epoch start, so a run resumed anywhere lands in the
 stage its epoch belongs to. A fixed-size run is one stage for all epochs. Two forms, combinable:
-ffcv-imagenet's linear resolution ramp, and explicit stages (resolution, depth, mask ratio, drop
-path, micro-batch) that start at given epochs. `couple_mask` picks each resolution's mask ratio so
+ffcv-imagenet's linear resolution ramp, and explicit stages (resolution, depth, model size, mask
+ratio, drop path, micro-batch) that start at given epochs. `couple_mask` picks each resolution's mask ratio so
 that the visible tokens per image stay those of the final stage (DailyMAE: 160/.51, 192/.66,
 224/.75 keep 49).
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 from fastssl.errors import ConfigError
-from fastssl.models import growth, len_keep, max_views
+from fastssl.models import growth, len_keep, max_views, width
 from fastssl.models.sizes import get_size
 from fastssl.train import elastic_depth
 
@@ -32,6 +32,7 @@ class Stage:
     drop_path: float | None = None  # stochastic depth of the last block; None: as built
     micro_batch: int | None = None  # per process; None: the recipe's batch_size / (world x accum_steps)
     mask_views: int = 1  # disjoint masked views per image
+    size: str | None = None  # the model size (a wider one: width growth); None: as built
 
 
 Schedule = Callable[[int], Stage]
@@ -109,6 +110,7 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
     full_depth = depth or cfg.model.depth or get_size(cfg.model.size).depth
     items = p.stage_list()
     starts, stages = [], []
+    size, blocks = cfg.model.size, full_depth  # the model's, as the stages so far leave it
     prev = Stage(res=cfg.data.res, mask_ratio=cfg.mask_ratio, depth=full_depth, drop_path=cfg.model.drop_path,
                  mask_views=cfg.mask_views)
     for i, it in enumerate(items):
@@ -123,14 +125,26 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
             raise _err(f"{key}.res", it.res, "progressive.ramp sets the resolution; drop one of them")
         if it.mask_ratio is not None and p.couple_mask:
             raise _err(f"{key}.mask_ratio", it.mask_ratio, "progressive.couple_mask sets the mask ratio; drop one of them")
+        if it.size is not None and it.size != size:
+            try:
+                width.check_sizes(p.growth.width, get_size(size), get_size(it.size))
+            except ValueError as e:
+                raise _err(f"{key}.size", it.size, f"cannot grow from {size}: {e}") from None
+            if get_size(it.size).depth < blocks:
+                raise _err(f"{key}.size", it.size, f"has {get_size(it.size).depth} encoder blocks, fewer than "
+                                                   f"the model's {blocks}")
+            if p.elastic_depth is not None or p.search.stages:
+                raise _err(f"{key}.size", it.size, "width growth does not combine with progressive.elastic_depth "
+                                                   "or progressive.search (both share blocks of one width); drop one")
+            size, blocks = it.size, get_size(it.size).depth
         res = it.res if it.res is not None else prev.res
         depth = it.depth if it.depth is not None else prev.depth
         if res <= 0 or res % patch:
             raise _err(f"{key}.res", res, f"must be a positive multiple of model.patch_size={patch}")
         if i and res < prev.res:
             raise _err(f"{key}.res", res, f"resolution may not shrink (previous stage: {prev.res})")
-        if not 0 <= depth <= full_depth:
-            raise _err(f"{key}.depth", depth, f"must be in 0..{full_depth} (model.size={cfg.model.size})")
+        if not 0 <= depth <= blocks:
+            raise _err(f"{key}.depth", depth, f"must be in 0..{blocks} (size {size})")
         if i and depth < prev.depth:
             raise _err(f"{key}.depth", depth, f"depth may not shrink (previous stage: {prev.depth})")
         if it.mask_ratio is not None and not 0.0 <= it.mask_ratio < 1.0:
@@ -144,7 +158,7 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
                       mask_ratio=it.mask_ratio if it.mask_ratio is not None else prev.mask_ratio,
                       drop_path=it.drop_path if it.drop_path is not None else prev.drop_path,
                       micro_batch=it.micro_batch if it.micro_batch is not None else prev.micro_batch,
-                      mask_views=cfg.mask_views)
+                      mask_views=cfg.mask_views, size=it.size if it.size is not None else prev.size)
         if i and depth > prev.depth and prev.depth == 0 and p.growth.op in growth.COPYING_OPS:
             raise _err("progressive.growth.op", p.growth.op,
                        f"copies existing blocks, but stage {i - 1} has none (depth 0): use zero or gated")
@@ -168,6 +182,8 @@ def from_config(cfg: PretrainConfig, depth: int | None = None) -> Piecewise:
         raise _err("progressive.growth.rewarmup_steps", g.rewarmup_steps, "must be >= 0")
     if g.gate_steps <= 0:
         raise _err("progressive.growth.gate_steps", g.gate_steps, "must be > 0")
+    if g.mask_steps <= 0:
+        raise _err("progressive.growth.mask_steps", g.mask_steps, "must be > 0")
     if not 0.0 < g.ema_decay < 1.0:
         raise _err("progressive.growth.ema_decay", g.ema_decay, "must be in (0, 1)")
     if p.elastic_depth is not None:

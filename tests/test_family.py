@@ -1,0 +1,127 @@
+"""Width growth inside progressive stages, and model families (fastssl/train/family.py): resume
+across a width growth bitwise, members written and loadable, FLOPs per member adding up."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from timm.models.vision_transformer import VisionTransformer
+
+from fastssl import export
+from fastssl.config import FamilyConfig, LinProbeConfig, PretrainConfig, load_config
+from fastssl.eval import linprobe
+from fastssl.models import scalenet
+from fastssl.train import checkpoint, family, flops, pretrain
+from tests.test_progressive_pretrain import LINPROBE, assert_same, demo_args, logged, resume_at
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WIDTH_RUN = ["epochs=4", "data.res=32", "precision=fp32", "checkpoint.every_epochs=1", "checkpoint.every_steps=1",
+             "checkpoint.keep_last=100"]
+
+
+@pytest.mark.parametrize("growth, stages", [
+    ("{width: duplicate, op: interleave}",  # micro -> mini: 2x the width, depth 2 -> 4
+     "[{epoch: 0, res: 16, depth: 2, mask_ratio: 0.5, micro_batch: 16},"
+     " {epoch: 2, res: 32, size: mini, depth: 4, mask_ratio: 0.75, micro_batch: 8}]"),
+    ("{width: masked, mask_steps: 4, op: gated, gate_steps: 4}",  # micro -> midi: 2.5x, depth 4 -> 8
+     "[{epoch: 0, res: 16, mask_ratio: 0.5, micro_batch: 16},"
+     " {epoch: 2, res: 32, size: midi, depth: 8, mask_ratio: 0.75, micro_batch: 8}]"),
+])
+def test_resume_across_a_width_growth_is_bitwise_exact(demo_betons, tmp_path, growth, stages, capsys):
+    """Resume just before a stage that widens (and deepens) the model, and one step after it (masks
+    and gates half open): both end with the unbroken run's weights and optimizer state."""
+    def run(run_dir):
+        cfg = load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml",
+                          demo_args(demo_betons, run_dir, *WIDTH_RUN, f"progressive.growth={growth}",
+                                    f"progressive.stages={stages}"))
+        pretrain.run(cfg)
+        return checkpoint.load_latest(run_dir)
+
+    straight = run(tmp_path / "straight")
+    ckpts = checkpoint.list_checkpoints(tmp_path / "straight")
+    at = {p: torch.load(p, weights_only=True) for p in ckpts}
+    before = next(p for p in ckpts if at[p]["progress"]["step"] == 6 and at[p]["progress"]["micro"] == 0)
+    after = next(p for p in ckpts if at[p]["progress"]["step"] == 7)
+    assert at[before]["model"]["cls_token"].shape[-1] == 64
+    assert at[after]["model"]["cls_token"].shape[-1] == straight["model"]["cls_token"].shape[-1] > 64
+    assert logged(tmp_path / "straight", "stage/size")[-1] in ("mini", "midi")
+    for i, last in enumerate((before, after)):
+        resumed = resume_at(ckpts, last, tmp_path / f"broken{i}", run, capsys)
+        assert_same(straight, resumed, ("model", "optimizer", "progressive"), f"after resuming at {last.name}")
+
+
+FAMILY = ROOT / "recipes/demo/pretrain_cpu_family.yaml"
+FAMILY_RUN = ["data.res=16", "precision=fp32", "epochs=3", "optim.warmup_epochs=0.5", "checkpoint.every_epochs=1",
+              "progressive.growth.mask_steps=2",
+              "members=[{size: micro, epochs: 1}, {size: mini, epochs: 1, width: duplicate},"
+              " {size: midi, epochs: 1, width: masked}]"]
+
+
+def test_family_writes_every_member_and_each_loads_for_evaluation(demo_betons, tmp_path, capsys):
+    """micro -> mini (duplicate) -> midi (masked, 4 -> 8 blocks), an epoch each: every member's
+    checkpoint.pth is its run's final weights, the linear probe builds its encoder at its own size,
+    and it exports strict into the timm ViT that computes what its MAE encoder computes."""
+    run_dir = tmp_path / "family"
+    cfg = load_config(FamilyConfig, FAMILY, demo_args(demo_betons, run_dir, *FAMILY_RUN))
+    paths = family.run(cfg)
+    assert paths == [run_dir / "members" / s / "checkpoint.pth" for s in ("micro", "mini", "midi")]
+    for path, (size, dim, depth) in zip(paths, [("micro", 64, 4), ("mini", 128, 4), ("midi", 160, 8)]):
+        member = torch.load(path, weights_only=True)
+        final = checkpoint.load_latest(path.parent)
+        assert "optimizer" not in member and final["progress"]["epoch"] == 1
+        assert all(torch.equal(member["model"][k], v) for k, v in final["model"].items() if torch.is_tensor(v))
+        encoder = linprobe.build_encoder(load_config(LinProbeConfig, LINPROBE, [
+            f"init={path}", f"data.train={demo_betons.train}", f"data.val={demo_betons.val}", "data.res=16"])).eval()
+        assert encoder.embed_dim == dim and len(encoder.blocks) == depth
+        mae = scalenet.build_for(member["model"]).eval()
+        small = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():  # at the probe's 16 px too: a grown member's table is regenerated, not resampled
+            torch.testing.assert_close(encoder(small), mae.forward_encoder(small, 0.0)[0][:, 0], atol=1e-5, rtol=1e-5)
+        # at the stored grid (224 px): a grown member's table is its first width's channels, which
+        # export keeps as a learned table (resampled, not regenerated, at another grid)
+        meta = export.export(str(path), str(tmp_path / f"{size}.safetensors"))
+        vit = VisionTransformer(**json.loads(meta["timm_kwargs"])).eval()
+        vit.load_state_dict(load_file(tmp_path / f"{size}.safetensors"), strict=True)
+        imgs = torch.randn(1, 3, 224, 224)
+        with torch.no_grad():  # mask ratio 0 in patch order: the whole image
+            ours = mae.forward_encoder(imgs, 0.0, torch.arange(784.0)[None])[0]
+            torch.testing.assert_close(vit.forward_features(imgs), ours, atol=1e-5, rtol=1e-5)
+    grown = torch.load(paths[1], weights_only=True)["model"]["blocks.0.attn.qkv.weight"]
+    assert grown.shape == (3 * 128, 128)
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    capsys.readouterr()
+    family.run(cfg)  # a restart after the end: every member is done, nothing trains again
+    assert [p.stat().st_mtime_ns for p in paths] == stamps
+    assert "member" not in capsys.readouterr().out
+
+
+def test_family_flops_per_member_add_up(capsys):
+    """Each member's FLOPs are its own run's (grown at its size from epoch 0), they sum to the total,
+    and at one resolution a member costs what it costs alone for the same epochs."""
+    cfg = load_config(FamilyConfig, FAMILY)
+    out = flops.family_flops(cfg, images=1000)
+    per_member = [flops.recipe_flops(cfg.member(k), images=1000)["total"] for k in range(len(cfg.members))]
+    assert [r["flops"] for r in out["members"]] == per_member
+    assert out["total"] == sum(per_member) == pytest.approx(out["alone_own_epochs"])
+    assert out["members"][2]["alone_all_epochs"] == pytest.approx(3 * out["members"][2]["flops"])
+    assert out["largest_alone"] == out["members"][2]["alone_all_epochs"]
+    assert per_member[0] < per_member[1] < per_member[2]
+    flops.main([str(FAMILY), "--images", "1408"])
+    printed = capsys.readouterr().out
+    assert "micro -> mini -> midi" in printed and "(1.000x)" in printed
+
+
+@pytest.mark.parametrize("members, message", [
+    ("[{size: mini, epochs: 5}, {size: micro, epochs: 5}]", "members[1].size='micro': cannot grow from mini"),
+    ("[{size: mini, epochs: 5}, {size: midi, epochs: 5, width: duplicate}]", "duplicate needs integer width ratios"),
+    ("[{size: micro, epochs: 5}, {size: small, epochs: 5}]", "head dims"),
+])
+def test_bad_family_is_a_one_line_error_before_anything_runs(tmp_path, capsys, members, message):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        family.main([str(FAMILY), f"run_dir={run_dir}", "epochs=10", f"members={members}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
+    assert not run_dir.exists()
