@@ -1,5 +1,6 @@
 """A model family in one run vs each member trained from scratch, at equal epochs per member, on the
-demo data: linear-probe top-1 per member, training FLOPs and wall time.
+demo data: linear-probe top-1 per member, the agreement of adjacent members' probes (the share of val
+images they assign the same class), training FLOPs and wall time.
 
     python -m benchmarks.family_demo [--epochs 2] [--probe-epochs 30] [--seeds 0 1 2] [--out runs/bench_family] [--quick]
 
@@ -27,6 +28,7 @@ from benchmarks.common import fail, print_table, write_results  # noqa: E402
 from fastssl import atomic  # noqa: E402
 from fastssl.config import FamilyConfig, load_config  # noqa: E402
 from fastssl.demo import make_demo_betons  # noqa: E402
+from fastssl.eval import metrics  # noqa: E402
 from fastssl.train import family, flops  # noqa: E402
 
 RECIPE = "recipes/demo/pretrain_cpu_family.yaml"
@@ -45,7 +47,8 @@ def train_seconds(run_dir: Path) -> float:
 
 def probe(init: Path, run_dir: Path, seed: int, data: list[str], epochs: int | None) -> float:
     python("-m", "fastssl.linprobe", PROBE, f"init={init}", f"run_dir={run_dir}", f"seed={seed}", *data,
-           "log.wandb=disabled", "log.progress=false", *([f"epochs={epochs}"] if epochs else []))
+           "log.wandb=disabled", "log.progress=false", "save_predictions=true",
+           *([f"epochs={epochs}"] if epochs else []))
     return json.loads((run_dir / "results.json").read_text())["val/top1"]
 
 
@@ -101,9 +104,18 @@ def main() -> None:
                 ckpt = sorted((scratch / "checkpoints").glob("ckpt_*.pt"))[-1]
                 row.update(scratch_train_s=train_seconds(scratch),
                            scratch_top1=probe(ckpt, root / f"probe_scratch_{m.size}", seed, data, args.probe_epochs))
+            if k:  # consistency with the member before: the same val image, the same predicted class
+                prev = cfg.members[k - 1].size
+                row["family_agree"] = metrics.agreement(root / f"probe_family_{prev}" / "predictions.pt",
+                                                        root / f"probe_family_{m.size}" / "predictions.pt")
+                before = root / f"probe_{'family' if k == 1 else 'scratch'}_{prev}"  # scratch micro: the family's
+                row["scratch_agree"] = metrics.agreement(before / "predictions.pt",
+                                                         root / f"probe_scratch_{m.size}" / "predictions.pt")
             mine.append(row)
             print(f"seed {seed} {m.size}: family {row['family_top1']:.2f}% ({row['family_train_s']:.0f} s), "
-                  f"scratch {row['scratch_top1']:.2f}% ({row['scratch_train_s']:.0f} s)", flush=True)
+                  f"scratch {row['scratch_top1']:.2f}% ({row['scratch_train_s']:.0f} s)"
+                  + (f"; agreement with {cfg.members[k - 1].size}: family {row['family_agree']:.1f}%, "
+                     f"scratch {row['scratch_agree']:.1f}%" if k else ""), flush=True)
         atomic.write_text(root / "runs.json", json.dumps(mine))
         report(cfg, finished(out), args)
 
@@ -130,13 +142,19 @@ def report(cfg: FamilyConfig, runs: list[dict], args: argparse.Namespace) -> Non
         rows.append({"size": m.size, "gflops": fm["flops"] / 1e9, "alone_gflops": fm["alone_own_epochs"] / 1e9,
                      "family_top1": [r["family_top1"] for r in mine], "scratch_top1": [r["scratch_top1"] for r in mine],
                      "family_train_s": statistics.mean(r["family_train_s"] for r in mine),
-                     "scratch_train_s": statistics.mean(r["scratch_train_s"] for r in mine)})
+                     "scratch_train_s": statistics.mean(r["scratch_train_s"] for r in mine),
+                     "family_agree": [r["family_agree"] for r in mine if "family_agree" in r],
+                     "scratch_agree": [r["scratch_agree"] for r in mine if "scratch_agree" in r]})
     print_table(f"model family vs each member from scratch, {args.epochs} epochs per member, seeds {seeds}",
                 ["member", "family top-1", "scratch top-1", "family GFLOPs/img", "scratch GFLOPs/img",
                  "family train s", "scratch train s"],
                 [[r["size"], _mean_spread(r["family_top1"]), _mean_spread(r["scratch_top1"]), f"{r['gflops']:.1f}",
                   f"{r['alone_gflops']:.1f}", f"{r['family_train_s']:.0f}", f"{r['scratch_train_s']:.0f}"]
                  for r in rows])
+    print_table("consistency: agreement (%) of adjacent members' probes on the val images",
+                ["members", "family", "each from scratch"],
+                [[f"{a['size']} / {b['size']}", _mean_spread(b["family_agree"]), _mean_spread(b["scratch_agree"])]
+                 for a, b in zip(rows, rows[1:]) if b["family_agree"]])
     print(f"total: family {f['total'] / 1e9:.1f} GFLOPs per train image, each member from scratch "
           f"{f['alone_own_epochs'] / 1e9:.1f} ({f['total'] / f['alone_own_epochs']:.2f}x); "
           f"{cfg.members[-1].size} alone for the family's {cfg.epochs} epochs {f['largest_alone'] / 1e9:.1f}")

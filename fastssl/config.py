@@ -435,6 +435,9 @@ class LinProbeConfig(EvalConfig):
     # run); results.json reports each, and the best on val.
     lr_scales: list[float] = field(default_factory=lambda: [1.0])
     flip_prob: float = 0.5  # the train views' horizontal flips (MAE: RRC + flip)
+    # also write predictions.pt: the best head's top-1 class and the label of every val image, in the
+    # val loader's order (several processes: rank by rank), for comparing probes image by image
+    save_predictions: bool = False
 
     def validate(self) -> None:
         super().validate()

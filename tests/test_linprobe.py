@@ -6,7 +6,7 @@ import torch
 
 from fastssl.config import ConfigError, LinProbeConfig, load_config
 from fastssl.data import make_pretrain_loader
-from fastssl.eval import linprobe
+from fastssl.eval import linprobe, metrics
 from fastssl.models import build_mae, build_vit_encoder
 from fastssl.run import dist
 from fastssl.train import checkpoint, optim
@@ -74,13 +74,30 @@ def test_cached_probe_with_all_views_trains_the_live_probes_head(demo_betons, tm
 def test_lr_sweep_trains_one_head_per_scale_and_reports_the_best(demo_betons, tmp_path):
     init = tmp_path / "mae.pth"
     torch.save({"model": build_mae("micro", patch_size=8).state_dict()}, init)
-    result = probe(demo_betons, tmp_path / "sweep", init, "cache_views=1", "epochs=3", "lr_scales=[0.1,1.0,10.0]")
+    result = probe(demo_betons, tmp_path / "sweep", init, "cache_views=1", "epochs=3", "lr_scales=[0.1,1.0,10.0]",
+                   "save_predictions=true")
     sweep = result["sweep"]
     assert [r["lr"] for r in sweep] == [0.1 * 6.4, 6.4, 10.0 * 6.4]
     assert result["val/top1"] == max(r["val/top1"] for r in sweep)
     assert json.loads((tmp_path / "sweep" / "results.json").read_text())["sweep"] == sweep
     head = checkpoint.load_latest(tmp_path / "sweep")["model"]
     assert not torch.allclose(head["fc.0.weight"], head["fc.2.weight"])
+    # the best head's predictions, image by image: their accuracy is the reported top-1
+    saved = tmp_path / "sweep" / "predictions.pt"
+    p = torch.load(saved, weights_only=True)
+    assert p["pred"].shape == p["label"].shape == (result["val/n"],)
+    assert 100.0 * (p["pred"] == p["label"]).double().mean().item() == pytest.approx(result["val/top1"])
+
+
+def test_agreement_of_two_probes_predictions(tmp_path):
+    label = torch.tensor([0, 1, 2, 3])
+    torch.save({"pred": torch.tensor([0, 1, 2, 0]), "label": label}, tmp_path / "a.pt")
+    torch.save({"pred": torch.tensor([0, 1, 1, 1]), "label": label}, tmp_path / "b.pt")
+    torch.save({"pred": label, "label": label.flip(0)}, tmp_path / "other_order.pt")
+    assert metrics.agreement(tmp_path / "a.pt", tmp_path / "b.pt") == 50.0
+    assert metrics.agreement(tmp_path / "a.pt", tmp_path / "a.pt") == 100.0
+    with pytest.raises(ValueError, match="same images in the same order"):
+        metrics.agreement(tmp_path / "a.pt", tmp_path / "other_order.pt")
 
 
 def test_probe_recipes_crop_as_mae_linprobe(demo_betons, tmp_path, monkeypatch):

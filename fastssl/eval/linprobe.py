@@ -186,9 +186,12 @@ def run(cfg: LinProbeConfig) -> dict:
         else:
             model = LinearProbe(encoder, head)
         engine.fit(cfg, info, model, optimizer, train, loss_fn, progressive.constant(cfg.data.res), logger)
-        per_head = metrics.evaluate_heads(model, val, info, cfg.precision)
+        kept = [] if cfg.save_predictions else None
+        per_head = metrics.evaluate_heads(model, val, info, cfg.precision, keep=kept)
         sweep = [{"lr": cfg.lr() * s, **m} for s, m in zip(cfg.lr_scales, per_head)]
         best = max(sweep, key=lambda r: r["val/top1"])
+        if kept is not None:
+            metrics.write_predictions(run_dir, kept, sweep.index(best), info)
         result = {**best, "sweep": sweep} if len(sweep) > 1 else best
         logger.log(best, step=0)
     if info.is_main:
