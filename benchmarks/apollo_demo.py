@@ -17,18 +17,16 @@ the run's log. On a shared CPU, times are indicative; FLOPs are exact.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
 
 from fastssl.config import PretrainConfig, load_config
-from fastssl.demo import make_demo_betons
 from fastssl.train import checkpoint, flops
 
 from .common import fail, print_table, write_results
 from .mask_views_demo import probe, spread
-from .recipe_compute import QUICK_PER_CLASS, compressed, time_pretrain
+from .recipe_compute import QUICK_PER_CLASS, QUIET, compressed, demo_data, seeded_demo_parser, time_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 APOLLO = "recipes/demo/pretrain_cpu_apollo.yaml"
@@ -55,19 +53,14 @@ def executed_depths(run_dir: Path) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.apollo_demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"1 seed, 6 epochs, on a {QUICK_PER_CLASS}-per-class subset of the demo digits")
-    p.add_argument("--epochs", type=int, help="pretraining epochs of every run (default: the recipes' 40; quick 6)")
-    p.add_argument("--seeds", type=int, help="seeds per run (default 3; quick 1)")
-    a = p.parse_args(argv)
+    a = seeded_demo_parser("apollo_demo", __doc__, "1 seed, 6 epochs",
+                           "pretraining epochs of every run (default: the recipes' 40; quick 6)").parse_args(argv)
     epochs, seeds = a.epochs or (6 if a.quick else 40), a.seeds or (1 if a.quick else 3)
     if epochs < 3 or seeds < 1:
         fail(f"--epochs {epochs} / --seeds {seeds}: epochs must be >= 3 (three stages), seeds >= 1")
     per_class = QUICK_PER_CLASS if a.quick else None
-    train, val = make_demo_betons(ROOT / ("data/demo" if per_class is None else f"data/demo_{per_class}"), per_class)
-    data = [f"data.train={train}", f"data.val={val}"]
-    common = [*data, "log.wandb=disabled", "log.progress=false", "log.recon_every_epochs=0"]
+    data = demo_data(per_class)
+    common = [*data, *QUIET]
     plans, cfgs = {}, {}
     for name, (recipe, extra) in RUNS.items():  # all checked before anything runs
         plans[name] = [*extra, *compressed(load_config(PretrainConfig, ROOT / recipe, extra), epochs), *common]

@@ -16,19 +16,17 @@ are exact.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from fastssl.config import PretrainConfig, load_config
-from fastssl.demo import make_demo_betons
 from fastssl.train import checkpoint, flops
 
 from .common import fail, print_table, summarize, write_results
 from .progressive_demo import python
-from .recipe_compute import QUICK_PER_CLASS, compressed, time_pretrain
+from .recipe_compute import QUICK_PER_CLASS, QUIET, compressed, demo_data, seeded_demo_parser, time_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/demo/pretrain_cpu.yaml"
@@ -54,19 +52,14 @@ def spread(values: list[float]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.mask_views_demo", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help=f"1 seed, 4 epochs, on a {QUICK_PER_CLASS}-per-class subset of the demo digits")
-    p.add_argument("--epochs", type=int, help="epochs of the one-view run, a multiple of 4 (default 16; quick 4)")
-    p.add_argument("--seeds", type=int, help="seeds per setting (default 3; quick 1)")
-    a = p.parse_args(argv)
+    a = seeded_demo_parser("mask_views_demo", __doc__, "1 seed, 4 epochs",
+                           "epochs of the one-view run, a multiple of 4 (default 16; quick 4)").parse_args(argv)
     epochs, seeds = a.epochs or (4 if a.quick else 16), a.seeds or (1 if a.quick else 3)
     if epochs < 4 or epochs % 4 or seeds < 1:
         fail(f"--epochs {epochs} / --seeds {seeds}: epochs must be a positive multiple of 4, seeds >= 1")
     per_class = QUICK_PER_CLASS if a.quick else None
-    train, val = make_demo_betons(ROOT / ("data/demo" if per_class is None else f"data/demo_{per_class}"), per_class)
-    data = [f"data.train={train}", f"data.val={val}"]
-    common = [*data, "log.wandb=disabled", "log.progress=false", "log.recon_every_epochs=0"]
+    data = demo_data(per_class)
+    common = [*data, *QUIET]
     base = load_config(PretrainConfig, ROOT / RECIPE)
     plans = {k: [f"mask_views={k}", *compressed(base, epochs // k), *common] for k in VIEWS}
     cfgs = {k: load_config(PretrainConfig, ROOT / RECIPE, o) for k, o in plans.items()}  # all checked first

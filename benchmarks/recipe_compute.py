@@ -121,12 +121,29 @@ def time_pretrain(recipe: str, overrides: list[str], run_dir: Path) -> dict:
     return {"wall_s": wall, "loop_s": log[-1]["time"] - log[0]["time"], "steps": log[-1]["step"]}
 
 
+QUIET = ["log.wandb=disabled", "log.progress=false", "log.recon_every_epochs=0"]  # every timed demo run
+
+
+def demo_data(per_class: int | None) -> list[str]:
+    """The data overrides of a demo run: the demo digits, or their `per_class` subset (made if missing)."""
+    train, val = make_demo_betons(ROOT / ("data/demo" if per_class is None else f"data/demo_{per_class}"), per_class)
+    return [f"data.train={train}", f"data.val={val}"]
+
+
+def seeded_demo_parser(prog: str, doc: str, quick: str, epochs_help: str) -> argparse.ArgumentParser:
+    """The options of a demo benchmark over seeds: --quick (`quick` says what it runs, on a
+    QUICK_PER_CLASS-per-class subset), --epochs, --seeds."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{prog}", description=doc.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help=f"{quick}, on a {QUICK_PER_CLASS}-per-class subset of "
+                                                         "the demo digits")
+    p.add_argument("--epochs", type=int, help=epochs_help)
+    p.add_argument("--seeds", type=int, help="seeds per run (default 3; quick 1)")
+    return p
+
+
 def demo(epochs: int, runs: int, per_class: int | None) -> dict:
     """Both demo recipes compressed to `epochs`, `runs` times each, interleaved."""
-    data = ROOT / ("data/demo" if per_class is None else f"data/demo_{per_class}")
-    train, val = make_demo_betons(data, per_class)
-    common = [f"data.train={train}", f"data.val={val}", "log.wandb=disabled", "log.progress=false",
-              "log.recon_every_epochs=0"]
+    common = [*demo_data(per_class), *QUIET]
     plans = {}
     for name, recipe in DEMO.items():
         overrides = [*compressed(load_config(PretrainConfig, ROOT / recipe), epochs), *common]
