@@ -221,6 +221,28 @@ def test_search_run_decides_logs_and_resumes_mid_search_bitwise(demo_betons, tmp
             assert not differ, f"{part} differs after resuming at step {step}: {differ[:5]}"
 
 
+def test_the_cut_keeps_a_deeper_winners_trained_blocks(demo_betons, tmp_path, monkeypatch):
+    """The winner (forced: the deepest of 1/2/3) is cut out of the supernet and trains on: from the
+    decision to epoch 4's growth its blocks are the supernet's, moved by one optimizer step each,
+    never grown again (grown_at stays the supernet's step 3)."""
+    decide = search.decide
+    monkeypatch.setattr(search, "decide", lambda d, loss, t: {**decide(d, loss, t), "winner": len(d) - 1})
+    cfg = load_config(PretrainConfig, RECIPE, demo_args(
+        demo_betons, tmp_path, *SEARCH_RUN, "checkpoint.every_steps=1", "checkpoint.keep_last=100"))
+    pretrain.run(cfg)
+    at = {s["progress"]["step"]: s for s in map(lambda p: torch.load(p, weights_only=True),
+                                                  checkpoint.list_checkpoints(tmp_path)) if s["progress"]["micro"]}
+    plan = decisions(tmp_path)[1]["plan"]
+    assert len(plan) == 3 and at[9]["progressive"]["search"]["decisions"][1]["applied"] is False
+    for step in (10, 11):
+        assert at[step]["progressive"]["layer_plan"] == [0, 1, 2] and at[step]["progressive"]["grown_at"] == 3
+    before, after = at[9]["model"], at[10]["model"]
+    for j, b in enumerate(plan):
+        w0, w1 = before[f"blocks.{b}.mlp.fc1.weight"], after[f"blocks.{j}.mlp.fc1.weight"]
+        # one AdamW step moves each weight by about lr (~1e-4 here), a re-grown block by far more
+        assert (w1 - w0).abs().max() < 1e-3, f"position {j} is not block {b} of the supernet"
+
+
 def test_two_gloo_processes_agree_on_every_decision(demo_betons, tmp_path):
     """2 CPU processes: the evaluation set split between them and the loss summed, rank 0's pick
     broadcast; both end with the same weights, and the supernet's skipped blocks did not stall DDP."""

@@ -190,6 +190,7 @@ class SearchGrowth(DepthGrowth):
             optim.regrow_state(self.optimizer, self.model.blocks, moves, self.cfg.optimizer)
             self.grown_at = step
             order = [m.block for m in moves if m.continues] + [m.block for m in moves if not m.continues]
+        self.physical = list(range(top))  # the supernet's blocks; a step's candidate runs a subset
         self.supernet = {"stage": k, "epoch": epoch, "depths": depths, "plan": list(range(top)),
                          "plans": [sorted(order[:d]) for d in depths], "loss_sum": [0.0] * len(depths),
                          "time_sum": [0.0] * len(depths), "snapshots": 0, "began": time.time(),
@@ -344,7 +345,8 @@ class SearchGrowth(DepthGrowth):
                     if self.ema is not None:
                         self.ema.set_block(j, self.ema.block(b))
         optim.regrow_state(self.optimizer, self.model.blocks, moves, self.cfg.optimizer)
-        growth.apply_plan(self.model, list(range(len(plan))))
+        self.physical = list(range(len(plan)))  # what DepthGrowth.enter grows from: never the supernet again
+        growth.apply_plan(self.model, self.physical)
         self.depth_target, self.drop_path = len(plan), None  # drop path by the new positions
         decision["applied"] = True
 
@@ -361,9 +363,8 @@ class SearchGrowth(DepthGrowth):
         s = state["search"]
         self.decisions, self.depth_target = [dict(d) for d in s["decisions"]], int(s["depth_target"])
         self.supernet, self.score_ema = s["supernet"], s["score_ema"]
-        if self.supernet is not None:  # every supernet block trainable, the saved step's candidate running
+        if self.supernet is not None:  # every supernet block trainable; `enter` sets the step's candidate
             growth.apply_plan(self.model, self.supernet["plan"])
-            self.model.layer_plan = list(state["layer_plan"])
 
 
 def _sync(device: torch.device) -> None:
