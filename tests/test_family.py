@@ -1,6 +1,8 @@
 """Width growth inside progressive stages, and model families (fastssl/train/family.py): resume
 across a width growth bitwise, members written and loadable, FLOPs per member adding up."""
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,7 @@ from fastssl.config import FamilyConfig, LinProbeConfig, PretrainConfig, load_co
 from fastssl.eval import linprobe
 from fastssl.models import scalenet
 from fastssl.train import checkpoint, family, flops, pretrain
+from tests import ddp_probe
 from tests.test_progressive_pretrain import LINPROBE, assert_same, demo_args, logged, resume_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +53,37 @@ def test_resume_across_a_width_growth_is_bitwise_exact(demo_betons, tmp_path, gr
     for i, last in enumerate((before, after)):
         resumed = resume_at(ckpts, last, tmp_path / f"broken{i}", run, capsys)
         assert_same(straight, resumed, ("model", "optimizer", "progressive"), f"after resuming at {last.name}")
+
+
+@pytest.mark.parametrize("growth, stages, size, dim", [
+    ("{width: duplicate, op: interleave}",  # micro -> mini: 2x the width, depth 2 -> 4
+     "[{epoch: 0, res: 16, depth: 2, micro_batch: 16}, {epoch: 1, res: 16, size: mini, depth: 4, micro_batch: 8}]",
+     "mini", 128),
+    ("{width: masked, mask_steps: 2, op: gated, gate_steps: 2}",  # micro -> midi: 2.5x, depth 4 -> 8
+     "[{epoch: 0, res: 16, micro_batch: 16}, {epoch: 1, res: 16, size: midi, depth: 8, micro_batch: 8}]",
+     "midi", 160),
+])
+def test_ddp_two_gloo_processes_agree_across_a_width_growth(demo_betons, tmp_path, growth, stages, size, dim):
+    """2 CPU processes (gloo) through a mid-run stage that widens and deepens the model: DDP is
+    rebuilt around the grown model (its hooks on the new parameters, so the ranks still average
+    their gradients) and both ranks end with the same weights, at the new size, trained on after
+    the growth."""
+    with socket.socket() as sock:  # other test sessions may share the machine: no fixed port
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = ddp_probe.torchrun(
+        "tests.ddp_probe", str(tmp_path), str(ROOT / "recipes/demo/pretrain_cpu.yaml"),
+        *demo_args(demo_betons, tmp_path / "run", "precision=fp32", "epochs=2", "data.res=16",
+                   "checkpoint.every_epochs=0", f"progressive.growth={growth}", f"progressive.stages={stages}"),
+        port=port, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert {rep["world"] for rep in reports} == {2} and reports[0]["steps"] == 2 * (50 // 16)
+    assert [rep["embed_dim"] for rep in reports] == [dim, dim]
+    assert logged(tmp_path / "run", "stage/size")[-1] == size
+    assert reports[0]["weights"] == reports[1]["weights"], "ranks ended with different weights"
+    assert reports[0]["grown"] == reports[1]["grown"]
+    assert reports[0]["grown"][-1] != reports[0]["weights"], "the grown model did not train"
 
 
 FAMILY = ROOT / "recipes/demo/pretrain_cpu_family.yaml"
