@@ -14,7 +14,8 @@ from fastssl import export
 from fastssl.config import FamilyConfig, LinProbeConfig, PretrainConfig, load_config
 from fastssl.eval import linprobe
 from fastssl.models import scalenet
-from fastssl.train import checkpoint, family, flops, pretrain
+from fastssl.train import checkpoint, family, flops, pretrain, stop
+from fastssl.train.depth_growth import DepthGrowth
 from tests import ddp_probe
 from tests.test_progressive_pretrain import LINPROBE, assert_same, demo_args, logged, resume_at
 
@@ -129,6 +130,53 @@ def test_family_writes_every_member_and_each_loads_for_evaluation(demo_betons, t
     family.run(cfg)  # a restart after the end: every member is done, nothing trains again
     assert [p.stat().st_mtime_ns for p in paths] == stamps
     assert "member" not in capsys.readouterr().out
+
+
+TWO_MEMBERS = ["epochs=2", "members=[{size: micro, epochs: 1}, {size: mini, epochs: 1, width: duplicate}]"]
+
+
+@pytest.mark.usefixtures("disarmed")
+def test_a_stopped_family_writes_no_member_and_starts_none_then_resumes_exactly(demo_betons, tmp_path, monkeypatch):
+    """A stop (Slurm's USR2) mid-member leaves after the member's checkpoint, as a pretraining does;
+    one asked for after the member's last step still leaves before its checkpoint.pth and the next
+    member. The restarted family ends with the unbroken one's members."""
+    def cfg(name):
+        return load_config(FamilyConfig, FAMILY, demo_args(demo_betons, tmp_path / name, *FAMILY_RUN, *TWO_MEMBERS))
+
+    straight = family.run(cfg("straight"))
+    run_dir = tmp_path / "stopped"
+    micro = run_dir / "members" / "micro"
+    after_step = DepthGrowth.after_step
+
+    def ask_at_step_1(self, step):
+        after_step(self, step)
+        if step == 1:
+            stop.request()
+
+    monkeypatch.setattr(DepthGrowth, "after_step", ask_at_step_1)
+    with pytest.raises(stop.StopRequested, match="at step 1"):
+        family.run(cfg("stopped"))
+    assert checkpoint.load_latest(micro)["progress"]["step"] == 1
+    assert not (micro / "checkpoint.pth").exists() and not (run_dir / "members" / "mini").exists()
+
+    monkeypatch.setattr(DepthGrowth, "after_step", after_step)
+    monkeypatch.setattr(stop, "_requested", False)  # the requeued job starts unasked
+    member_run = pretrain.run
+
+    def ask_after_the_run(member):
+        member_run(member)
+        stop.request()  # after the last step's poll, e.g. during the final checkpoint's write
+
+    monkeypatch.setattr(pretrain, "run", ask_after_the_run)
+    with pytest.raises(stop.StopRequested, match="after member micro's last step"):
+        family.run(cfg("stopped"))
+    assert checkpoint.load_latest(micro)["progress"]["epoch"] == 1  # micro's training is done
+    assert not (micro / "checkpoint.pth").exists() and not (run_dir / "members" / "mini").exists()
+
+    monkeypatch.setattr(pretrain, "run", member_run)
+    monkeypatch.setattr(stop, "_requested", False)
+    for ours, theirs in zip(family.run(cfg("stopped")), straight):
+        assert_same(torch.load(theirs, weights_only=True), torch.load(ours, weights_only=True), ("model",), ours)
 
 
 def test_family_flops_per_member_add_up(capsys):
