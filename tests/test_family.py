@@ -195,15 +195,19 @@ def test_family_flops_per_member_add_up(capsys):
     assert "micro -> mini -> midi" in printed and "(1.000x)" in printed
 
 
-@pytest.mark.parametrize("members, message", [
-    ("[{size: mini, epochs: 5}, {size: micro, epochs: 5}]", "members[1].size='micro': cannot grow from mini"),
-    ("[{size: mini, epochs: 5}, {size: midi, epochs: 5, width: duplicate}]", "duplicate needs integer width ratios"),
-    ("[{size: micro, epochs: 5}, {size: small, epochs: 5}]", "head dims"),
+@pytest.mark.parametrize("override, message", [
+    ("members=[{size: mini, epochs: 15}, {size: micro, epochs: 15}]", "members[1].size='micro': cannot grow from mini"),
+    ("members=[{size: mini, epochs: 15}, {size: midi, epochs: 15, width: duplicate}]",
+     "duplicate needs integer width ratios"),
+    ("members=[{size: micro, epochs: 15}, {size: small, epochs: 15}]", "head dims"),
+    ("progressive.elastic_depth={num_depths: 2}", "progressive.elastic_depth='{...}': a family's members grow in width"),
+    ("progressive.search.stages=[{epoch: 0, depths: [2]}]",
+     "progressive.search.stages='[...]': a family's members grow in width"),
 ])
-def test_bad_family_is_a_one_line_error_before_anything_runs(tmp_path, capsys, members, message):
+def test_bad_family_is_a_one_line_error_before_anything_runs(tmp_path, capsys, override, message):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as e:
-        family.main([str(FAMILY), f"run_dir={run_dir}", "epochs=10", f"members={members}"])
+        family.main([str(FAMILY), f"run_dir={run_dir}", override])
     err = capsys.readouterr().err
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and message in err
     assert not run_dir.exists()
