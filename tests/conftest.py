@@ -19,6 +19,17 @@ class DemoBetons:
     size: int
 
 
+@pytest.fixture
+def disarmed(monkeypatch):
+    """No stop armed or asked for as the test starts (an entry's start-up arms one); what was is
+    restored after it."""
+    from fastssl.train import stop
+
+    monkeypatch.setattr(stop, "_armed", False)
+    monkeypatch.setattr(stop, "_requested", False)
+    monkeypatch.setattr(stop, "_agreement", None)
+
+
 @pytest.fixture(scope="session")
 def demo_betons(tmp_path_factory) -> DemoBetons:
     from data_prep.make_demo_dataset import make_demo_dataset

@@ -17,20 +17,42 @@ import torch
 from fastssl.train import engine
 
 
+def _weights_hash(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor):
+            continue  # a ScaleNet spec
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _recording_growth(report: dict):
+    """report['grown']: the weights each growth (a stage whose `enter` changed the model) left,
+    before any training: a run that trains on has other weights at the end."""
+    from fastssl.train.depth_growth import DepthGrowth
+
+    real_enter = DepthGrowth.enter
+
+    def enter(self, stage, step):
+        changed = real_enter(self, stage, step)
+        if changed:
+            report.setdefault("grown", []).append(_weights_hash(self.model))
+        return changed
+
+    DepthGrowth.enter = enter
+
+
 def _recording_fit(report: dict):
     real_fit = engine.fit
 
     def fit(cfg, info, model, optimizer, loader, *args, **kwargs):
         progress = real_fit(cfg, info, model, optimizer, loader, *args, **kwargs)
-        h = hashlib.sha256()
-        for name, t in sorted(model.state_dict().items()):
-            if not isinstance(t, torch.Tensor):
-                continue  # a ScaleNet spec
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        stages = kwargs.get("stages")
+        final = model if stages is None else stages.model  # a width growth replaces the model
         report.update(rank=info.rank, world=info.world_size, per_process_batch=loader.batch_size,
                       accum_steps=cfg.accum_steps, global_batch=cfg.batch_size, steps=progress.step,
-                      weights=h.hexdigest())
+                      weights=_weights_hash(final), embed_dim=final.cls_token.shape[-1])
         return progress
 
     engine.fit = fit
@@ -60,5 +82,6 @@ if __name__ == "__main__":
     out, recipe, *overrides = sys.argv[1:]
     report: dict = {}
     _recording_fit(report)
+    _recording_growth(report)
     pretrain.run(load_config(PretrainConfig, recipe, overrides))
     Path(out, f"rank{report['rank']}.json").write_text(json.dumps(report))

@@ -3,6 +3,7 @@ writes OUT/rank<r>.json (for test_stop.py) with, in turn,
 'fit': `engine.fit` armed, the calls that read a tensor's value on the host (a device sync on a GPU)
 counted by the optimizer step they follow, rank 1 sending itself USR2 during step SIGNAL_STEP;
 'watch': `stop.watch` over shards of unequal length, then a stop agreed after it;
+'between': `stop.requested_anywhere` with a poll's reduction in flight, before and after rank 1 asks;
 'resume': `engine.load_agreed` on OUT/resume while rank 1's file system lags, then cannot read.
 `count_host_reads` runs in-process too.
 """
@@ -100,6 +101,18 @@ def watched(info: dist.DistInfo) -> dict:
     return {"seen": len(seen), "polls": polls}
 
 
+def between_runs(info: dist.DistInfo) -> list[bool]:
+    """[requested_anywhere() before rank 1 asks, after]: as between a family's members, the last
+    step's poll left its reduction in flight."""
+    stop._requested = False
+    stop.arm(signal.SIGUSR2)
+    stop.agreed()
+    before = stop.requested_anywhere()
+    if info.rank == 1:
+        stop.request()
+    return [before, stop.requested_anywhere()]
+
+
 def resumed(info: dist.DistInfo, run_dir: Path) -> dict:
     """{'lagging': the step each rank loaded while rank 1 lists only the older checkpoint,
     'unreadable': the one-line error each rank stopped with while rank 1 cannot read rank 0's choice}."""
@@ -123,5 +136,6 @@ if __name__ == "__main__":
     report = {"fit": count_host_reads(out / "run", info, SIGNAL_STEP if info.rank == 1 else None)}
     stop._requested = False  # the next scenario starts unasked
     report["watch"] = watched(info)
+    report["between"] = between_runs(info)
     report["resume"] = resumed(info, out / "resume")
     (out / f"rank{info.rank}.json").write_text(json.dumps(report))

@@ -47,6 +47,10 @@ def test_every_recipe_loads(recipe):
     (["knn.bank_per_class=0"], "knn.bank_per_class=0: must be >= 1, or null for the whole train split"),
     (["knn.bank_per_class=some"], "knn.bank_per_class='some': expected an integer"),
     (["log.peak_tflops=0"], "log.peak_tflops=0.0: must be > 0 or null"),
+    *[(["progressive.growth.width=masked", "progressive.stages=[{epoch: 0}, {epoch: 10, size: large}]", shared],
+       "progressive.stages[1].size='large': width growth does not combine with progressive.elastic_depth or "
+       "progressive.search") for shared in ("progressive.elastic_depth={num_depths: 4}",
+                                            "progressive.search.stages=[{epoch: 0, depths: [12]}]")],
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:

@@ -17,7 +17,7 @@ import torch
 from fastssl.run.copy_to_node import copy_to_node
 from fastssl.train import checkpoint
 from fastssl.run import launcher
-from fastssl.run.job import ENTRIES
+from fastssl.run.job import ENTRIES, resolve_init
 
 ROOT = Path(__file__).resolve().parents[1]
 PRETRAIN = "recipes/demo/pretrain_cpu.yaml"
@@ -219,17 +219,19 @@ def test_dry_run_two_nodes_of_eight_gpus(tmp_path):
                       "--requeue", "--job-name=mae_vit_base_800ep"):
         assert f"#SBATCH {directive}\n" in script, directive
     assert "srun " in script and "--kill-on-bad-exit=1" in script and "submitit.core._submit" in script
+    assert f"export PYTHONPATH={ROOT}$" in script  # the job imports this checkout's fastssl
     assert "epochs: 100" in script and "batch_size: 4096" in script
     assert script.rstrip().endswith("nothing submitted") and not (tmp_path / "jobs").exists()
 
 
-DRY_RUN_RECIPES = {"pretrain": "recipes/mae_vit_base_800ep.yaml", "finetune": "recipes/finetune_vit_base.yaml",
+DRY_RUN_RECIPES = {"pretrain": "recipes/mae_vit_base_800ep.yaml", "family": "recipes/mae_family_s_b_l.yaml",
+                   "finetune": "recipes/finetune_vit_base.yaml",
                    "linprobe": "recipes/linprobe_vit_base.yaml", "knn": "recipes/demo/knn_cpu.yaml"}
 
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_dry_run_of_every_entry(entry, tmp_path, capsys):
-    overrides = [] if entry == "pretrain" else ["init=random"]
+    overrides = [] if entry in ("pretrain", "family") else ["init=random"]
     launcher.main([entry, DRY_RUN_RECIPES[entry], "--job-dir", str(tmp_path / "jobs"), "--dry-run", *overrides])
     out = capsys.readouterr().out
     assert f"# ---- job 1: {entry} {DRY_RUN_RECIPES[entry]} " in out and "submitit.core._submit" in out
@@ -237,8 +239,28 @@ def test_dry_run_of_every_entry(entry, tmp_path, capsys):
     assert not (tmp_path / "jobs").exists()
 
 
+def test_a_chain_after_a_family_probes_its_largest_finished_member(tmp_path, capsys):
+    """`family ... --then linprobe ...` plans the probe with init=<the family's run folder>, which the
+    probe's job resolves to the largest member whose checkpoint.pth is written (members/<size>/ with
+    only training checkpoints is a member in progress); none written is one line."""
+    family_dir = tmp_path / "family"
+    launcher.main(["family", "recipes/demo/pretrain_cpu_family.yaml", f"run_dir={family_dir}", "--dry-run",
+                   "--job-dir", str(tmp_path / "jobs"), "--then", "linprobe", LINPROBE])
+    out = capsys.readouterr().out
+    assert "# ---- job 1: family " in out and "# ---- job 2: linprobe " in out and f"init: {family_dir}\n" in out
+    (family_dir / "members").mkdir(parents=True)
+    with pytest.raises(launcher.ConfigError, match="a family run folder without a finished member") as e:
+        resolve_init([f"init={family_dir}"])
+    assert "\n" not in str(e.value)
+    for size in ("micro", "mini"):
+        checkpoint.atomic_torch_save({"model": {}}, family_dir / "members" / size / "checkpoint.pth")
+    checkpoint.save({"model": {}}, family_dir / "members" / "midi", step=3, keep_last=1)
+    assert resolve_init([f"init={family_dir}", "epochs=1"]) == [
+        f"init={family_dir / 'members' / 'mini' / 'checkpoint.pth'}", "epochs=1"]
+
+
 @pytest.mark.parametrize("args, message", [
-    (["knn2", PRETRAIN], "entry 'knn2': must be one of pretrain, finetune, linprobe, knn"),
+    (["knn2", PRETRAIN], "entry 'knn2': must be one of pretrain, family, finetune, linprobe, knn"),
     (["expand", PRETRAIN], "entry 'expand': not a Slurm job (a CPU step of seconds); run python -m fastssl.expand"),
     (["pretrain", "recipes/nope.yaml"], "recipe 'recipes/nope.yaml': no such file"),
     (["pretrain", PRETRAIN, "--time", "soon"], "--time 'soon': expected minutes"),

@@ -7,12 +7,7 @@ from fastssl.run import dist
 from fastssl.train import stop
 from tests import ddp_probe, stop_probe
 
-
-@pytest.fixture(autouse=True)
-def disarmed(monkeypatch):
-    monkeypatch.setattr(stop, "_armed", False)
-    monkeypatch.setattr(stop, "_requested", False)
-    monkeypatch.setattr(stop, "_agreement", None)
+pytestmark = pytest.mark.usefixtures("disarmed")
 
 
 def off_log_steps(reads: dict) -> dict:
@@ -56,6 +51,10 @@ def test_ranks_whose_shards_differ_by_a_batch_stay_in_step_through_a_watched_loo
     assert [w["seen"] for w in watches] == [4, 5]
     # in step after the loop: the request goes into the reduction the first poll starts, the second reads it
     assert [w["polls"] for w in watches] == [2, 2]
+
+
+def test_a_request_between_runs_is_seen_by_every_rank_at_once(two_ranks):
+    assert [rk["between"] for rk in two_ranks] == [[False, True], [False, True]]
 
 
 def test_every_rank_resumes_from_the_checkpoint_rank_0_chose_or_all_stop(two_ranks):

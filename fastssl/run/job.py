@@ -23,9 +23,9 @@ import submitit
 
 from fastssl.config import ConfigError, load_config
 from fastssl.run import dist
-from fastssl.train import checkpoint, stop
+from fastssl.train import checkpoint, family, stop
 
-ENTRIES = ("pretrain", "finetune", "linprobe", "knn")
+ENTRIES = ("pretrain", "family", "finetune", "linprobe", "knn")
 # an ImageNet .beton (~70-340 GB) copied from a slow (~100 MB/s) shared file system, then re-hashed locally
 STAGING_TIMEOUT = timedelta(hours=2)
 
@@ -50,17 +50,28 @@ def config_class(module: ModuleType) -> type:
 
 
 def resolve_init(overrides: list[str]) -> list[str]:
-    """`init=RUN_DIR` (what a `--then` chain passes) -> that run's newest checkpoint."""
+    """`init=RUN_DIR` (what a `--then` chain passes) -> that run's newest checkpoint; of a family's
+    run folder, its largest finished member's `members/<size>/checkpoint.pth`."""
     out = []
     for item in overrides:
         key, _, value = item.partition("=")
         if key == "init" and value and Path(value).is_dir():
-            found = checkpoint.list_checkpoints(value)
-            if not found:
-                raise ConfigError(f"init={value!r}: a run folder without checkpoints")
-            item = f"init={found[-1]}"
+            item = f"init={_newest_checkpoint(value)}"
         out.append(item)
     return out
+
+
+def _newest_checkpoint(run_dir: str) -> Path:
+    if family.is_family(run_dir):
+        found = family.largest_member(run_dir)
+        if found is None:
+            raise ConfigError(f"init={run_dir!r}: a family run folder without a finished member "
+                              "(members/<size>/checkpoint.pth)")
+        return found
+    found = checkpoint.list_checkpoints(run_dir)
+    if not found:
+        raise ConfigError(f"init={run_dir!r}: a run folder without checkpoints")
+    return found[-1]
 
 
 class Job(submitit.helpers.Checkpointable):

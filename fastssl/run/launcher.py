@@ -24,7 +24,7 @@ from fastssl.config import ConfigError, load_config, to_dict
 from fastssl.run.job import ENTRIES, Job, config_class, entry_module
 from fastssl.train.logger import wandb_mode
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout this file (fastssl/run/launcher.py) is in
 THEN = "--then"
 
 

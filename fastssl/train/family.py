@@ -22,12 +22,29 @@ from fastssl import atomic
 from fastssl.config import FamilyConfig, PretrainConfig
 from fastssl.errors import ConfigError
 from fastssl.models import width
+from fastssl.models.sizes import get_size
 from fastssl.run import cli, dist
-from fastssl.train import checkpoint, pretrain
+from fastssl.train import checkpoint, pretrain, stop
 
 
 def member_checkpoint(run_dir: str | Path, size: str) -> Path:
     return Path(run_dir) / "members" / size / "checkpoint.pth"
+
+
+def finished(path: Path) -> bool:
+    """A member's checkpoint.pth is written atomically when it is done: there and intact."""
+    return path.is_file() and atomic.verify_archive(path) is None
+
+
+def is_family(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / "members").is_dir()
+
+
+def largest_member(run_dir: str | Path) -> Path | None:
+    """The checkpoint of a family run's largest finished member (the last one, once the family is
+    done: each member is wider than the one before), or None."""
+    done = [p for p in Path(run_dir).glob("members/*/checkpoint.pth") if finished(p)]
+    return max(done, key=lambda p: (get_size(p.parent.name).embed_dim, get_size(p.parent.name).depth), default=None)
 
 
 def hand_over(previous: PretrainConfig, member: PretrainConfig) -> None:
@@ -65,7 +82,7 @@ def run(cfg: FamilyConfig) -> list[Path]:
     for k, m in enumerate(cfg.members):
         member, path = cfg.member(k), member_checkpoint(cfg.run_dir, m.size)
         paths.append(path)
-        if path.is_file() and atomic.verify_archive(path) is None:
+        if dist.broadcast_object(info.is_main and finished(path)):  # rank 0's view: one file system may lag
             continue  # finished before a restart
         if k and info.is_main and not checkpoint.list_checkpoints(member.run_dir):
             hand_over(cfg.member(k - 1), member)
@@ -73,7 +90,10 @@ def run(cfg: FamilyConfig) -> list[Path]:
         if info.is_main:
             print(f"member {k + 1}/{len(cfg.members)}: {m.size}, {m.epochs} epochs at blr {member.optim.blr:.3g}"
                   + (f", grown from {cfg.members[k - 1].size}" if k else ""), flush=True)
-        pretrain.run(member)
+        pretrain.run(member)  # a stop mid-member raises StopRequested after its checkpoint
+        if stop.requested_anywhere():  # asked after the member's last poll: leave before the next starts
+            raise stop.StopRequested(f"stopped on a signal after member {m.size}'s last step; its checkpoint saved "
+                                     f"(a restart writes {path} and goes on)")
         if info.is_main:
             write_member(member, m.size, path)
             print(f"wrote {path}", flush=True)

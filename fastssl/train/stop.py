@@ -63,6 +63,15 @@ class _Agreement:
             self.pending = tdist.all_reduce(self.flag, op=tdist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 
+    def now(self) -> bool:
+        """The rank-wide OR of the flag as it is now (a blocking CPU all-reduce, between runs)."""
+        if self.pending is not None:  # a poll's reduction still in flight: the same group's, first
+            self.pending.wait()
+            self.pending = None
+        t = torch.tensor([float(_requested)])
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX, group=self.group)
+        return bool(t[0] > 0)
+
     def fewest(self, n: int) -> int:
         """The smallest `n` over the ranks (a blocking CPU all-reduce, once per loop)."""
         t = torch.tensor([n])
@@ -90,6 +99,16 @@ def agreed() -> bool:
         return False
     agreement = _distributed_agreement()
     return _requested if agreement is None else agreement.poll()
+
+
+def requested_anywhere() -> bool:
+    """True on every rank if any rank has been asked to stop by now, polled or not: at a boundary
+    between runs (a family's members), where a request after the last step's poll must not wait
+    for the next run's first step. Distributed, a collective."""
+    if not _armed:
+        return False
+    agreement = _distributed_agreement()
+    return _requested if agreement is None else agreement.now()
 
 
 class Interrupted(StopRequested):
