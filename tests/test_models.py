@@ -269,7 +269,7 @@ def test_default_layer_plan_and_drop_path():
 
 
 def test_unknown_size_is_named():
-    with pytest.raises(ValueError, match="micro, tiny"):
+    with pytest.raises(ValueError, match="unknown model size 'gigantic'; choose one of micro, mini, midi, tiny, small"):
         build_mae("gigantic")
 
 
