@@ -175,6 +175,35 @@ def test_array_of_three_and_a_chain_pretrain_then_linprobe(slurm, demo_betons, t
     assert probe["init"] == str(checkpoint.list_checkpoints(tmp_path / "pre")[-1]) and probe["val/n"] == 20
 
 
+def test_a_family_stopped_mid_member_resumes_and_its_chained_probe_gets_the_largest_member(
+        slurm, demo_betons, tmp_path):
+    """`family --then linprobe`: USR2 while the second member trains; the requeued job skips the
+    finished first member, resumes the second, writes both members; the probe runs on the second."""
+    jobs, run_dir = tmp_path / "jobs", tmp_path / "family"
+    args = small(demo_betons, run_dir, "batch_size=8", "epochs=7", "log.every_steps=1", "data.res=16",
+                 "optim.warmup_epochs=0.5", "members=[{size: micro, epochs: 1}, {size: mini, epochs: 6}]")
+    r = submit(slurm, "family", "recipes/demo/pretrain_cpu_family.yaml", "--gpus-per-node", 0, "--time", 5,
+               "--job-dir", jobs, *args,
+               "--then", "linprobe", LINPROBE, f"run_dir={tmp_path / 'probe'}", "epochs=1", "batch_size=32",
+               "data.res=32", "log.wandb=disabled", "log.progress=false", "data.num_workers=1",
+               f"data.train={demo_betons.train}", f"data.val={demo_betons.val}")
+    family_id, probe_id = job_ids(r.stdout)
+    mini_log, deadline = run_dir / "members" / "mini" / "log.jsonl", time.time() + 120
+    while (not mini_log.exists() or len(mini_log.read_text().splitlines()) < 2) and time.time() < deadline:
+        time.sleep(0.1)
+    assert mini_log.exists(), "the second member did not start"
+    subprocess.run(["scancel", "--signal=USR2", family_id], env=slurm, check=True)
+    wait(jobs, family_id, timeout=240).result()
+    out = (jobs / family_id / f"{family_id}_0_log.out").read_text()
+    assert out.count("member 1/2") == 1 and out.count("member 2/2") == 2  # micro not trained again
+    assert re.search(r"resumed from \S+members/mini/checkpoints/ckpt_\d+\.pt", out)
+    assert int(scontrol(family_id, slurm)["Restarts"]) == 1
+    members = {size: run_dir / "members" / size / "checkpoint.pth" for size in ("micro", "mini")}
+    assert all(p.is_file() for p in members.values())
+    wait(jobs, probe_id, timeout=240).result()
+    assert json.loads((tmp_path / "probe" / "results.json").read_text())["init"] == str(members["mini"])
+
+
 def test_ddp_two_gloo_processes_through_slurm_and_torchrun(slurm, demo_betons, tmp_path):
     import submitit
 
