@@ -1,4 +1,4 @@
-"""Each stage of the ImageNet pretraining recipes on one GPU, as one of `--world` GPUs runs it: peak
+"""Each stage of the ImageNet pretraining recipes (a family's: each member's) on one GPU, as one of `--world` GPUs runs it: peak
 memory and img/s of the training step at the stage's per-GPU micro-batch, MFU, and what a host sync
 per step (the stop check before it was moved off the device) would cost.
 
@@ -23,14 +23,15 @@ from functools import partial
 
 import torch
 
-from fastssl.config import ConfigError, PretrainConfig, load_config
+from fastssl.config import ConfigError, FamilyConfig, PretrainConfig, load_config, recipe_dict
 from fastssl.models import build_mae
 from fastssl.train import depth_growth, engine, flops, optim, progressive, stop
 
 from .common import fail, fmt_rate, measure_interleaved, print_table, write_results
 
 IMAGENET_RECIPES = ",".join(f"recipes/{name}.yaml" for name in
-                            ("mae_vit_base_800ep", "mae_vit_base_800ep_fast", "mae_vit_large_800ep"))
+                            ("mae_vit_base_800ep", "mae_vit_base_800ep_fast", "mae_vit_large_800ep",
+                             "mae_family_s_b_l"))
 
 
 class StageStep:
@@ -61,15 +62,28 @@ class StageStep:
         return steps * self.accum * len(self.x)
 
 
-def bench_recipe(path: str, world: int, steps: int, runs: int, batch_cap: int | None, compile: bool,
-                 device: torch.device) -> list[dict]:
-    cfg = load_config(PretrainConfig, path, [])
+def recipe_runs(path: str) -> list[tuple[str, PretrainConfig]]:
+    """(label, config) of each pretraining a recipe runs: itself, or each member of a family as it
+    trains once grown to its size (the widest member's stage is what has to fit)."""
+    if "members" not in recipe_dict(path):
+        return [(path, load_config(PretrainConfig, path, []))]
+    family = load_config(FamilyConfig, path, [])
+    runs = []
+    for k, m in enumerate(family.members):
+        cfg = family.member(k)
+        cfg.model.size = m.size
+        runs.append((f"{path} [{m.size}]", cfg))
+    return runs
+
+
+def bench_recipe(path: str, cfg: PretrainConfig, world: int, steps: int, runs: int, batch_cap: int | None,
+                 compile: bool, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     model = build_mae(cfg.model.size, patch_size=cfg.model.patch_size, norm_pix_loss=cfg.model.norm_pix_loss,
                       drop_path=cfg.model.drop_path, depth=cfg.model.depth).to(device)
     opt = optim.adamw(model, cfg.lr(), cfg.optim.weight_decay, cfg.optim.betas, device, decay_tokens=cfg.decay_tokens)
     schedule = progressive.from_config(cfg, depth=len(model.blocks))
-    hook = depth_growth.DepthGrowth(model, opt, cfg.progressive.growth, schedule(0).depth)
+    hook = depth_growth.DepthGrowth(model, opt, cfg.progressive.growth, schedule(0).depth, size=cfg.model.size)
     peak = flops.device_peak_flops(device, cfg.log.peak_tflops)
     rows = []
     for first, end, stage in schedule.segments(cfg.epochs):
@@ -137,10 +151,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for path in a.recipes.split(","):
         try:
-            rows += bench_recipe(path, a.world, a.steps or (10 if gpu else 1), a.runs,
-                                 a.batch_cap or (None if gpu else 2), gpu, device)
+            planned = recipe_runs(path)
         except ConfigError as e:
             fail(f"--recipes {path}: {e}")
+        for label, cfg in planned:
+            rows += bench_recipe(label, cfg, a.world, a.steps or (10 if gpu else 1), a.runs,
+                                 a.batch_cap or (None if gpu else 2), gpu, device)
     print_table(f"recipe stages on {device} (one of {a.world} GPUs' share of each step)",
                 ["recipe", "epochs", "res", "mask", "depth", "micro x accum", "img/s", "img/s, sync per step",
                  "sync cost", "MFU", "peak GiB"],
