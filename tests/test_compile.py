@@ -124,3 +124,22 @@ def test_compiled_ddp_growth_on_two_ranks_compiles_once_per_stage(demo_betons, t
     for rk in ranks:
         assert [g[0][-1] for g in rk["graphs"]] == [16, 32]  # one graph per stage, each at its resolution
         assert rk["unique_graphs"] == 2 and not rk["recompile_limit"]
+
+
+def test_a_compiled_masked_width_growth_recompiles_once_when_its_masks_open(graphs, demo_betons, tmp_path):
+    """compile=true through a masked width growth (micro -> midi): the masks are buffers written in
+    place, so their ramp recompiles nothing; opening them fully swaps in plain modules (the same
+    parameters), one recompile within the stage; the run finishes and midi trains on."""
+    from fastssl.config import PretrainConfig, load_config
+    from fastssl.train import checkpoint, pretrain
+    from tests.test_progressive_pretrain import ROOT, demo_args
+
+    cfg = load_config(PretrainConfig, ROOT / "recipes/demo/pretrain_cpu.yaml", demo_args(
+        demo_betons, tmp_path / "run", "batch_size=16", "epochs=2", "precision=fp32", "compile=true",
+        "data.res=16", "optim.warmup_epochs=0", "progressive.growth={op: interleave, width: masked, mask_steps: 3}",
+        "progressive.stages=[{epoch: 0, depth: 4}, {epoch: 1, size: midi, depth: 8}]"))
+    pretrain.run(cfg)
+    assert checkpoint.load_latest(tmp_path / "run")["model"]["blocks.7.attn.qkv.weight"].shape == (480, 160)
+    # micro; midi with masks ramping (no graph per mask value); midi plain once open: one recompile
+    assert counters["stats"]["unique_graphs"] == 3
+    assert not counters["recompile_limit"]
