@@ -143,3 +143,19 @@ def test_a_compiled_masked_width_growth_recompiles_once_when_its_masks_open(grap
     # micro; midi with masks ramping (no graph per mask value); midi plain once open: one recompile
     assert counters["stats"]["unique_graphs"] == 3
     assert not counters["recompile_limit"]
+
+
+def test_a_compiled_search_compiles_each_candidate_once(graphs, demo_betons, tmp_path):
+    """compile=true through AutoProg's search: the supernet's steps switch among 3 candidate plans
+    (one graph each, reused when a candidate comes back), then the winner and the full depth."""
+    from fastssl.config import PretrainConfig, load_config
+    from fastssl.train import pretrain
+    from tests.test_search import RECIPE, SEARCH_RUN, decisions
+    from tests.test_search import demo_args as search_args
+
+    cfg = load_config(PretrainConfig, RECIPE, search_args(demo_betons, tmp_path, *SEARCH_RUN, "compile=true"))
+    pretrain.run(cfg)
+    assert [d["depths"] for d in decisions(tmp_path)] == [[1], [1, 2, 3], [4]]
+    # depth 1; the supernet's 3 candidates; the winner at 32 px; 4 blocks at 32 px
+    assert counters["stats"]["unique_graphs"] == 1 + 3 + 1 + 1
+    assert not counters["recompile_limit"]
