@@ -60,10 +60,11 @@ def graphs(monkeypatch, tmp_path):
 
     monkeypatch.setattr(engine, "compiled", functools.partial(engine.compiled, backend=counting_backend))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", False)
     torch._dynamo.reset()
     counters.clear()
-    yield compiled
+    # config.patch, not monkeypatch: undoing a monkeypatched dynamo option leaves it unreadable
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=False):
+        yield compiled
     torch._dynamo.reset()
 
 
