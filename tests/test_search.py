@@ -166,6 +166,7 @@ def test_flops_range_and_a_runs_choice(tmp_path, capsys):
     ("progressive.stages=[{epoch: 0, depth: 2}]", "progressive.stages[0].depth=2: progressive.search picks"),
     ("progressive.growth.op=gated", "progressive.growth.op='gated': the search's supernet"),
     ("progressive.search.time=wallclock", "progressive.search.time"),
+    ("progressive.elastic_depth={max_depth: 4}", "progressive.elastic_depth='{...}': progressive.search chooses"),
 ])
 def test_bad_search_recipes_name_the_key(override, message):
     base = ["progressive.search.stages=[{epoch: 0, depths: [1]}, {epoch: 10, depths: [2, 3]}]"]

@@ -48,10 +48,7 @@ def run(cfg: PretrainConfig) -> engine.Progress:
     # per (stage, executed depth): the engine asks at every step
     train_flops = lru_cache(maxsize=None)(partial(flops.train_flops_per_image, cfg.model.size, cfg.model.patch_size))
     elastic = None
-    if cfg.progressive.search.stages:
-        if cfg.progressive.elastic_depth is not None:
-            raise ConfigError("progressive.search and progressive.elastic_depth: the search chooses one depth per "
-                              "stage, elastic depth draws one per step; set one of them")
+    if cfg.progressive.search.stages:  # without elastic depth: config validation refuses both at once
         if scalenet.is_expanded(model):
             raise ConfigError("progressive.search: a ScaleNet-expanded init runs all its positions; "
                               "drop the search")

@@ -225,13 +225,15 @@ def check_search(cfg: PretrainConfig, full_depth: int) -> None:
 
     def need(ok: bool, key: str, value, allowed: str) -> None:
         if not ok:
-            raise ConfigError(f"{key}={value!r}: {allowed}")
+            raise _err(key, value, allowed)
 
     need(s.search_epochs >= 1, "progressive.search.search_epochs", s.search_epochs, "must be >= 1")
     need(s.snapshots >= 1, "progressive.search.snapshots", s.snapshots, "must be >= 1")
     need(s.eval_images >= 1, "progressive.search.eval_images", s.eval_images, "must be >= 1")
     need(s.eval_batch >= 1, "progressive.search.eval_batch", s.eval_batch, "must be >= 1")
     need(0.0 < s.ema_decay < 1.0, "progressive.search.ema_decay", s.ema_decay, "must be in (0, 1)")
+    need(p.elastic_depth is None, "progressive.elastic_depth", "{...}",
+         "progressive.search chooses one depth per stage, elastic depth draws one per step; set one of them")
     need(p.growth.op != "gated", "progressive.growth.op", p.growth.op,
          "the search's supernet skips blocks, which gates do not follow: use mogrow, interleave, stack or zero")
     for i, st in enumerate(p.stages):
